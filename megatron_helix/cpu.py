@@ -1,0 +1,85 @@
+"""Run megatron-core 0.16.x on CPU ranks (gloo): the support code for tests and the demo.
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the math:
+``torch.cuda.current_device()`` used as a device, ``device="cuda"`` buffers in the pipeline
+schedules, ``torch.cuda.synchronize()`` in p2p, ``.cuda()`` on tied embeddings, and an
+unimported name in the MoE utilities. ``enable_cpu_execution()`` redirects exactly those, once,
+and only when CUDA is absent; it never runs on a GPU machine, so nothing here is on the GPU
+path. Everything numerical (linear layers, softmax, collectives) stays megatron-core's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_ENABLED = False
+
+
+def enable_cpu_execution() -> bool:
+    """Patch megatron-core's CUDA touch points for CPU execution; returns whether it did.
+
+    A no-op (returning False) when CUDA is available. Idempotent.
+    """
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    _ENABLED = True
+
+    # torch.cuda.current_device() is used as `device=` all over megatron-core.
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _redirect_cuda_factories_in_schedules()
+    _route_default_causal_mask_to_cpu()
+    _define_missing_moe_gemm_name()
+    logger.info("megatron_helix: megatron-core patched for CPU execution")
+    return True
+
+
+def _cpu_device(kwargs: dict) -> dict:
+    if str(kwargs.get("device", "")).startswith("cuda"):
+        kwargs = dict(kwargs, device="cpu")
+    return kwargs
+
+
+def _redirect_cuda_factories_in_schedules() -> None:
+    """The pipeline schedules allocate ``torch.zeros(..., device="cuda")`` for loss sums."""
+    from megatron.core.pipeline_parallel import schedules
+
+    class _CpuTorch:
+        """A view of ``torch`` whose tensor factories map ``device='cuda'`` to the CPU."""
+
+        def __getattr__(self, name):
+            attr = getattr(torch, name)
+            if name in ("zeros", "ones", "empty", "tensor", "full"):
+                return functools.wraps(attr)(lambda *a, **k: attr(*a, **_cpu_device(k)))
+            return attr
+
+    schedules.torch = _CpuTorch()
+
+
+def _route_default_causal_mask_to_cpu() -> None:
+    """``get_default_causal_mask`` hard-codes ``device="cuda"`` (imported by name in two places)."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=None)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def _define_missing_moe_gemm_name() -> None:
+    """0.16.1's ``moe_utils`` references ``te_general_gemm`` without importing it."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

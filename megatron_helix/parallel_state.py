@@ -1,0 +1,145 @@
+"""Helix process groups, built on top of Megatron's ``initialize_model_parallel``.
+
+The helix group *is* Megatron's tensor-parallel group (size ``m * n``), so MLP, embeddings,
+MoE, the optimizer and checkpointing treat it as ordinary TP. On top of it this module adds:
+
+- the *slice group* of each head group: its ``m`` contiguous TP ranks, which hold the ``m``
+  dim slices of the same heads and must combine before the softmax;
+- the *head-group group* of each dim slice: the ``n`` TP ranks that own the same dims of
+  different heads (used to gather a full KV cache or a full-head view for checks).
+
+The ring (context-parallel) group is Megatron's own CP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+
+from megatron_helix.parallel_dims import HelixParallelDims
+
+
+@dataclass
+class _HelixGroups:
+    m: int
+    n: int
+    slice_group: dist.ProcessGroup
+    slice_group_ranks: List[int]
+    head_group_group: dist.ProcessGroup
+    head_group_group_ranks: List[int]
+
+
+_GROUPS: Optional[_HelixGroups] = None
+
+
+def initialize_helix(
+    m: int,
+    n: int,
+    ring_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    **megatron_kwargs,
+) -> HelixParallelDims:
+    """Validate the sizes, then build Megatron's groups (TP = m*n, CP = ring) and the helix ones.
+
+    ``megatron_kwargs`` go to ``megatron.core.parallel_state.initialize_model_parallel``
+    (virtual pipeline size, expert parallel size, ...). Validation happens before any group
+    is created, identically on every rank, so a bad layout fails everywhere at once.
+    """
+    dims = HelixParallelDims(
+        world_size=dist.get_world_size(), m=m, n=n, ring=ring_size,
+        pp=pipeline_model_parallel_size,
+    ).validate()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=dims.helix,
+        pipeline_model_parallel_size=dims.pp,
+        context_parallel_size=dims.ring,
+        **megatron_kwargs,
+    )
+    build_helix_groups(m, n)
+    return dims
+
+
+def build_helix_groups(m: int, n: int) -> None:
+    """Create slice and head-group groups inside every existing tensor-parallel group.
+
+    Collective over the default group: every rank creates every group in the same order.
+    """
+    global _GROUPS
+    tp_size = mpu.get_tensor_model_parallel_world_size()
+    if tp_size != m * n:
+        raise ValueError(
+            f"--helix-m {m} x --helix-n {n} = {m * n} must equal the tensor-model-parallel size "
+            f"{tp_size}: the helix group is Megatron's tensor-parallel group"
+        )
+    my_tp_ranks = dist.get_process_group_ranks(mpu.get_tensor_model_parallel_group())
+    all_tp_ranks: List[List[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(all_tp_ranks, my_tp_ranks)
+    tp_groups = sorted({tuple(ranks) for ranks in all_tp_ranks})
+
+    me = dist.get_rank()
+    mine: dict = {}
+    for tp_ranks in tp_groups:
+        for g in range(n):
+            ranks = list(tp_ranks[g * m : (g + 1) * m])
+            group = dist.new_group(ranks)
+            if me in ranks:
+                mine["slice"] = (group, ranks)
+        for j in range(m):
+            ranks = [tp_ranks[g * m + j] for g in range(n)]
+            group = dist.new_group(ranks)
+            if me in ranks:
+                mine["head_group"] = (group, ranks)
+    _GROUPS = _HelixGroups(m, n, *mine["slice"], *mine["head_group"])
+
+
+def is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def _groups() -> _HelixGroups:
+    if _GROUPS is None:
+        raise RuntimeError(
+            "helix groups are not initialized: call megatron_helix.parallel_state."
+            "initialize_helix(m, n, ...) (or build_helix_groups after Megatron's "
+            "initialize_model_parallel)"
+        )
+    return _GROUPS
+
+
+def get_helix_m() -> int:
+    """Dim slices per head (1 when helix is not initialized: plain TP heads)."""
+    return _GROUPS.m if _GROUPS else 1
+
+
+def get_helix_n() -> int:
+    """Head groups (Megatron's TP size when helix is not initialized)."""
+    return _GROUPS.n if _GROUPS else mpu.get_tensor_model_parallel_world_size()
+
+
+def get_helix_slice_group() -> dist.ProcessGroup:
+    """The ``m`` ranks holding the dim slices of this rank's heads."""
+    return _groups().slice_group
+
+
+def get_helix_slice_rank() -> int:
+    """This rank's dim slice ``j`` (its rank in the slice group)."""
+    return mpu.get_tensor_model_parallel_rank() % get_helix_m()
+
+
+def get_helix_head_group_rank() -> int:
+    """This rank's head group ``g``."""
+    return mpu.get_tensor_model_parallel_rank() // get_helix_m()
+
+
+def get_helix_head_group_group() -> dist.ProcessGroup:
+    """The ``n`` ranks owning this rank's dim slice of every head group."""
+    return _groups().head_group_group
+
+
+def destroy_helix() -> None:
+    """Forget the helix groups (Megatron's ``destroy_model_parallel`` does the rest)."""
+    global _GROUPS
+    _GROUPS = None
