@@ -141,5 +141,34 @@ def get_helix_head_group_group() -> dist.ProcessGroup:
 
 def destroy_helix() -> None:
     """Forget the helix groups (Megatron's ``destroy_model_parallel`` does the rest)."""
-    global _GROUPS
+    global _GROUPS, _DROPOUT_GENERATOR
     _GROUPS = None
+    _DROPOUT_GENERATOR = None
+
+
+_DROPOUT_GENERATOR: Optional["torch.Generator"] = None
+
+
+def helix_manual_seed(seed: int) -> None:
+    """Seed the attention-dropout stream shared by the ranks of one slice group.
+
+    With the score all-reduce strategy all ``m`` ranks of a slice group apply one shared
+    probability matrix, so they must draw the same dropout mask; different head groups draw
+    different ones. Call it where Megatron's ``model_parallel_cuda_manual_seed`` is called.
+    """
+    import torch
+
+    global _DROPOUT_GENERATOR
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + 3541 + 1009 * get_helix_head_group_rank())
+    _DROPOUT_GENERATOR = generator
+
+
+def get_helix_dropout_generator() -> "torch.Generator":
+    if _DROPOUT_GENERATOR is None:
+        raise RuntimeError(
+            "attention dropout with the helix score all-reduce strategy needs a seed shared by "
+            "the slice group: call megatron_helix.parallel_state.helix_manual_seed(seed)"
+        )
+    return _DROPOUT_GENERATOR

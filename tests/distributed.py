@@ -24,8 +24,12 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
+    import warnings
+
     import torch
     import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")  # megatron-core's "no TE/apex" notices, once per rank
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

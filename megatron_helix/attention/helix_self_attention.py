@@ -1,0 +1,159 @@
+"""``SelfAttention`` whose heads are split into ``n`` groups and whose head dims into ``m`` slices.
+
+The module keeps Megatron's ``linear_qkv`` (column-parallel) and ``linear_proj``
+(row-parallel) over the helix group, which is Megatron's tensor-parallel group of ``m * n``
+ranks: same total widths as TP, so local and Transformer Engine GEMMs are reused unchanged.
+Only the meaning of the local columns differs: rank ``(g, j)`` holds q, k and v of head group
+``g`` restricted to the dims of slice ``j`` (``layout.HelixLayout.qkv_row_permutation``), and
+its core-attention output, the projection's local input, is those heads' slice-``j`` dims.
+
+RoPE is applied by Megatron's own kernels to the local slice, with the rotary frequencies
+indexed by the same dims as q and k: slices keep RoPE pairs together (``layout.slice_dims``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from megatron.core.transformer import attention as megatron_attention
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_helix import parallel_state as helix_state
+from megatron_helix.layout import HelixLayout
+
+
+def rope_pairing(config: TransformerConfig, position_embedding_type: str = "rope") -> str:
+    """The RoPE pairing a model uses: decides which dims a slice may own."""
+    if position_embedding_type not in ("rope", "yarn"):
+        return "none"
+    return "interleaved" if config.rotary_interleaved else "rotate_half"
+
+
+@contextlib.contextmanager
+def _tolerate_uneven_tp_heads():
+    """Let ``Attention.__init__`` compute its TP per-partition head counts without asserting.
+
+    Megatron divides heads by the TP size; with helix that size is ``m * n`` and heads need only
+    divide by ``n`` (e.g. 6 heads on helix 2 x 2). The values it computes are replaced right
+    after by the helix ones, so a floor division is enough here.
+    """
+    original = megatron_attention.divide
+    megatron_attention.divide = lambda numerator, denominator: numerator // denominator
+    try:
+        yield
+    finally:
+        megatron_attention.divide = original
+
+
+class HelixSelfAttention(SelfAttention):
+    """Self-attention with helix ``(m, n)`` partitioning over the tensor-parallel group.
+
+    Needs ``megatron_helix.parallel_state`` initialized (``initialize_helix`` or
+    ``build_helix_groups``). The model's position embedding type decides the dim slicing;
+    pass it as a spec param (``position_embedding_type``) when it is not ``rope``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.padding,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        position_embedding_type: str = "rope",
+    ):
+        m, n = helix_state.get_helix_m(), helix_state.get_helix_n()
+        self.helix_layout = HelixLayout(
+            m, n, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
+            config.kv_channels, rope_pairing(config, position_embedding_type),
+        )
+        _refuse_unsupported(config, submodules, m)
+        with _tolerate_uneven_tp_heads():
+            super().__init__(
+                config, submodules, layer_number, attn_mask_type=attn_mask_type,
+                cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+            )
+        layout = self.helix_layout
+        self.num_attention_heads_per_partition = layout.heads_per_group
+        self.num_query_groups_per_partition = layout.query_groups_per_group
+        # The inference KV cache and everything sized per head see this rank's slice width.
+        self.hidden_size_per_attention_head = layout.slice_dim
+        dims = layout.slice_dims(helix_state.get_helix_slice_rank())
+        self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
+
+    def get_query_key_value_tensors(
+        self,
+        hidden_states: Tensor,
+        key_value_states: Optional[Tensor] = None,
+        output_gate: bool = False,
+        split_qkv: bool = True,
+    ):
+        """``[sq, b, h]`` -> q ``[sq, b, H/n, d/m]``, k and v ``[sq, b, G/n, d/m]``."""
+        mixed_qkv, _ = self.linear_qkv(hidden_states)
+        layout = self.helix_layout
+        q_per_kv = layout.num_heads // layout.num_query_groups
+        dm = layout.slice_dim
+        # [sq, b, G/n * (q_per_kv + 2) * d/m] -> [sq, b, G/n, (q_per_kv + 2) * d/m]
+        mixed_qkv = mixed_qkv.view(
+            *mixed_qkv.shape[:2], layout.query_groups_per_group, (q_per_kv + 2) * dm
+        )
+        query, key, value = torch.split(mixed_qkv, [q_per_kv * dm, dm, dm], dim=3)
+        query = query.reshape(*query.shape[:2], layout.heads_per_group, dm)
+        return query, key, value
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        """Megatron's ``Attention.forward`` with the rotary frequencies cut to this slice."""
+        if kwargs.get("inference_context") is not None or kwargs.get("inference_params") is not None:
+            raise NotImplementedError(
+                "helix attention is implemented for training and full-sequence forward; "
+                "KV-cache inference is not supported yet"
+            )
+        if args:
+            raise TypeError("HelixSelfAttention.forward takes hidden_states, attention_mask "
+                            "and keyword arguments")
+        rotary = kwargs.get("rotary_pos_emb")
+        if rotary is not None:
+            kwargs["rotary_pos_emb"] = self._slice_rotary(rotary)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+    def _slice_rotary(self, rotary):
+        """Index the rotary frequencies ``[s, 1, 1, d]`` by this rank's dims -> ``[s, 1, 1, d/m]``."""
+        if isinstance(rotary, tuple):
+            return tuple(None if r is None else self._slice_rotary(r) for r in rotary)
+        if rotary.shape[-1] != self.helix_layout.head_dim:
+            raise ValueError(
+                f"rotary embedding covers {rotary.shape[-1]} of {self.helix_layout.head_dim} head "
+                f"dims: --rotary-percent < 1 is not supported with helix (m > 1)"
+            )
+        return rotary.index_select(-1, self.rope_dims)
+
+
+def _refuse_unsupported(config: TransformerConfig, submodules: SelfAttentionSubmodules, m: int):
+    """Features whose math needs the whole head on one rank, refused before any work."""
+    if m == 1:
+        return
+    has_qk_norm = any(
+        mod is not None and mod is not IdentityOp
+        for mod in (submodules.q_layernorm, submodules.k_layernorm)
+    )
+    problems = []
+    if has_qk_norm:
+        problems.append("--qk-layernorm normalizes over the whole head dim")
+    if config.attention_output_gate:
+        problems.append("the attention output gate")
+    if config.fused_single_qkv_rope:
+        problems.append("fused single QKV RoPE")
+    if config.multi_latent_attention:
+        problems.append("multi-latent attention")
+    if problems:
+        raise ValueError(
+            f"--helix-m {m} slices head dims, which is incompatible with: "
+            + "; ".join(problems) + ". Use --helix-m 1 (heads-only partitioning) for these."
+        )

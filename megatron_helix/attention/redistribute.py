@@ -1,0 +1,128 @@
+"""Helix strategy 2: redistribute from dim slices to token slices, attend, and back.
+
+Inside a slice group of ``m`` ranks every rank holds all ``s`` tokens of its heads with
+``d/m`` dims. One all-to-all turns queries into ``s/m`` tokens with the full head dim; keys and
+values are all-gathered to the full dim. Each rank then runs ordinary flash attention for its
+query tokens and a second all-to-all returns the output to dim slices.
+
+Query tokens are dealt in the zigzag order (``2m`` chunks, rank ``j`` takes chunks ``j`` and
+``2m-1-j``) so every rank has the same causal work. Head dims arrive in slice order, which
+permutes ``d`` identically for q, k and v: dot products, and therefore the result, are
+unchanged, and the inverse all-to-all puts every dim back on its owner.
+
+Volume per layer and rank: about ``s * (H/n) * d * (2 + 2 G/H) / m`` elements forward — linear in
+``s``, which is what long prefill and training want.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from megatron_helix.collectives import all_gather_stacked, all_to_all
+
+
+def zigzag_chunks(rank: int, world: int) -> tuple[int, int]:
+    """The two of ``2 * world`` sequence chunks that ``rank`` handles."""
+    return rank, 2 * world - 1 - rank
+
+
+def _dims_to_tokens(x: Tensor, m: int, group) -> Tensor:
+    """``[2m, c, b, h, d/m]`` (all chunks, my dims) -> ``[2, c, b, h, d]`` (my chunks, all dims)."""
+    order = [chunk for j in range(m) for chunk in zigzag_chunks(j, m)]
+    send = x[order].reshape((m, 2) + x.shape[1:])  # slot j: chunks of rank j
+    received = all_to_all(send, group)  # slot j: my chunks, dims of rank j
+    return received.permute(1, 2, 3, 4, 0, 5).flatten(-2)
+
+
+def _tokens_to_dims(y: Tensor, m: int, group) -> Tensor:
+    """Inverse of ``_dims_to_tokens``: ``[2, c, b, h, d]`` -> ``[2m, c, b, h, d/m]``."""
+    two, c, b, h, d = y.shape
+    send = y.view(two, c, b, h, m, d // m).permute(4, 0, 1, 2, 3, 5)  # slot j: dims of rank j
+    received = all_to_all(send.contiguous(), group)  # slot j: chunks of rank j, my dims
+    order = [chunk for j in range(m) for chunk in zigzag_chunks(j, m)]
+    inverse = [order.index(chunk) for chunk in range(2 * m)]
+    return received.reshape((2 * m,) + received.shape[2:])[inverse]
+
+
+def _attend_chunk(
+    q: Tensor, k: Tensor, v: Tensor, chunk: int, chunk_len: int, causal: bool,
+    mask: Optional[Tensor], scale: float, dropout_p: float,
+) -> Tensor:
+    """Queries of one chunk ``[c, b, h, d]`` against keys ``[s, b, g, d]`` -> ``[c, b, h, d]``."""
+    q0 = chunk * chunk_len
+    if causal:
+        key_end = q0 + chunk_len
+        bias = causal_lower_right(chunk_len, key_end)
+    else:
+        key_end = k.shape[0]
+        bias = None
+    if mask is not None:  # Megatron's True = forbidden -> SDPA's True = allowed
+        allowed = ~mask[:, :, q0 : q0 + chunk_len, :key_end]
+        if causal:
+            rows = torch.arange(q0, q0 + chunk_len, device=q.device).unsqueeze(1)
+            allowed = allowed & (torch.arange(key_end, device=q.device) <= rows)
+        bias = allowed
+    out = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3),
+        k[:key_end].permute(1, 2, 0, 3),
+        v[:key_end].permute(1, 2, 0, 3),
+        attn_mask=bias,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.permute(2, 0, 1, 3)
+
+
+def redistribute_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    group: dist.ProcessGroup,
+    causal: bool = True,
+    attention_mask: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention of dim-sliced heads via token redistribution inside the slice ``group``.
+
+    Args:
+        query: ``[s, b, h, d/m]``; key, value: ``[s, b, g, d/m]`` (GQA not expanded).
+        group: the slice group of ``m`` ranks.
+        causal: causal self-attention (``sq == sk``).
+        attention_mask: optional bool ``[b|1, 1, s, s]``, True where attention is forbidden.
+        softmax_scale: defaults to ``1/sqrt(d)``.
+        dropout_p: attention dropout, drawn independently per token chunk.
+
+    Returns:
+        ``[s, b, h, d/m]``, this rank's dims of the output.
+    """
+    m = dist.get_world_size(group)
+    s, b, h, dm = query.shape
+    if key.shape[0] != s:
+        raise ValueError(f"redistribute needs self-attention shapes: sq={s}, sk={key.shape[0]}")
+    if s % (2 * m):
+        raise ValueError(
+            f"the redistribute strategy deals 2*m = {2 * m} sequence chunks; sequence length "
+            f"{s} is not divisible by it (use --helix-score-strategy allreduce)"
+        )
+    if softmax_scale is None:
+        softmax_scale = (dm * m) ** -0.5
+    c = s // (2 * m)
+    q = _dims_to_tokens(query.view(2 * m, c, b, h, dm), m, group)  # [2, c, b, h, d]
+    k = all_gather_stacked(key, group).permute(1, 2, 3, 0, 4).flatten(-2)  # [s, b, g, d]
+    v = all_gather_stacked(value, group).permute(1, 2, 3, 0, 4).flatten(-2)
+    me = dist.get_rank(group)
+    out = torch.stack(
+        [
+            _attend_chunk(q[i], k, v, chunk, c, causal, attention_mask, softmax_scale, dropout_p)
+            for i, chunk in enumerate(zigzag_chunks(me, m))
+        ]
+    )
+    return _tokens_to_dims(out, m, group).reshape(s, b, h, dm)
