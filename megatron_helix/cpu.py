@@ -1,8 +1,8 @@
 """Run megatron-core 0.16.x on CPU ranks (gloo): the support code for tests and the demo.
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the math:
-``torch.cuda.current_device()`` used as a device, ``device="cuda"`` buffers in the pipeline
-schedules, ``torch.cuda.synchronize()`` in p2p, ``.cuda()`` on tied embeddings, and an
+``torch.cuda.current_device()`` used as a device, ``device="cuda"`` bookkeeping tensors in the
+pipeline schedules, optimizer and gradient clipping, ``torch.cuda.synchronize()`` in p2p, ``.cuda()`` on tied embeddings, and an
 unimported name in the MoE utilities. ``enable_cpu_execution()`` redirects exactly those, once,
 and only when CUDA is absent; it never runs on a GPU machine, so nothing here is on the GPU
 path. Everything numerical (linear layers, softmax, collectives) stays megatron-core's.
@@ -35,9 +35,10 @@ def enable_cpu_execution() -> bool:
     # torch.cuda.current_device() is used as `device=` all over megatron-core.
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    _redirect_cuda_factories_in_schedules()
+    _redirect_cuda_factories()
     _route_default_causal_mask_to_cpu()
     _define_missing_moe_gemm_name()
+    _allow_sequence_parallel_torch_norm()
     logger.info("megatron_helix: megatron-core patched for CPU execution")
     return True
 
@@ -48,20 +49,29 @@ def _cpu_device(kwargs: dict) -> dict:
     return kwargs
 
 
-def _redirect_cuda_factories_in_schedules() -> None:
-    """The pipeline schedules allocate ``torch.zeros(..., device="cuda")`` for loss sums."""
+class _CpuTorch:
+    """A view of ``torch`` whose tensor factories map ``device="cuda"`` to the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            return functools.wraps(attr)(lambda *a, **k: attr(*a, **_cpu_device(k)))
+        return attr
+
+
+def _redirect_cuda_factories() -> None:
+    """Modules that allocate small bookkeeping tensors with a literal ``device="cuda"``:
+    the pipeline schedules (token counts), the optimizer (loss scale, found-inf), gradient
+    clipping and the local multi-tensor fallbacks in ``megatron.core.utils`` (norms)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe import moe_utils
 
-    class _CpuTorch:
-        """A view of ``torch`` whose tensor factories map ``device='cuda'`` to the CPU."""
-
-        def __getattr__(self, name):
-            attr = getattr(torch, name)
-            if name in ("zeros", "ones", "empty", "tensor", "full"):
-                return functools.wraps(attr)(lambda *a, **k: attr(*a, **_cpu_device(k)))
-            return attr
-
-    schedules.torch = _CpuTorch()
+    for module in (schedules, optimizer, clip_grads, moe_utils, utils):
+        module.torch = _CpuTorch()
 
 
 def _route_default_causal_mask_to_cpu() -> None:
@@ -83,3 +93,30 @@ def _define_missing_moe_gemm_name() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _allow_sequence_parallel_torch_norm() -> None:
+    """Let the torch-norm fallback run under sequence parallelism (apex/TE norms do).
+
+    A LayerNorm over a sequence shard is the same LayerNorm; what sequence parallelism adds is
+    that its weight gradients are partial per rank, which Megatron's ``finalize_model_grads``
+    all-reduces for parameters flagged ``sequence_parallel`` — the flag set here, as apex's
+    and TE's norms set it. Needed on CPU because MoE with tensor parallelism requires SP.
+    """
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)

@@ -178,13 +178,13 @@ def layout_errors(
     if num_heads % n:
         errors.append(
             f"--helix-n {n} must divide --num-attention-heads {num_heads} "
-            f"(head groups hold whole heads); divisors that work: {_divisors(num_heads)}"
+            f"(head groups hold whole heads); --helix-n in {_divisors(num_heads)} works"
         )
     if num_query_groups % n:
         errors.append(
             f"--helix-n {n} must divide --num-query-groups {num_query_groups}: a key/value head "
-            f"cannot straddle two head groups without replicating it; use --helix-n in "
-            f"{_divisors(num_query_groups)} and put the remaining ranks into --helix-m"
+            f"cannot straddle two head groups without replicating it; --helix-n in "
+            f"{_divisors(num_query_groups)} works (put the remaining ranks into --helix-m)"
         )
     if num_query_groups and num_heads % num_query_groups:
         errors.append(
