@@ -39,6 +39,7 @@ def enable_cpu_execution() -> bool:
     _route_default_causal_mask_to_cpu()
     _define_missing_moe_gemm_name()
     _allow_sequence_parallel_torch_norm()
+    _select_cp_rotary_positions_on_cpu()
     logger.info("megatron_helix: megatron-core patched for CPU execution")
     return True
 
@@ -120,3 +121,27 @@ def _allow_sequence_parallel_torch_norm() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
+def _select_cp_rotary_positions_on_cpu() -> None:
+    """``get_pos_emb_on_this_cp_rank`` builds its index in pinned memory and calls ``.cuda()``.
+
+    Same selection (this rank's two zigzag chunks of the rotary table), index on the table's
+    device.
+    """
+    from megatron.core.models.common.embeddings import (
+        rope_utils,
+        rotary_pos_embedding,
+        yarn_rotary_pos_embedding,
+    )
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+        chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1,
+                              *pos_emb.shape[seq_dim + 1:])
+        selected = chunks.index_select(seq_dim, index)
+        return selected.view(*selected.shape[:seq_dim], -1, *selected.shape[seq_dim + 2:])
+
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank

@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_helix.attention.helix_core_attention import HelixCoreAttention
+from megatron_helix.attention.helix_ring_core_attention import HelixRingCoreAttention
 from megatron_helix.attention.helix_self_attention import HelixSelfAttention
 from megatron_helix.attention.strategy import STRATEGIES
 
@@ -84,9 +85,7 @@ def get_gpt_layer_helix_spec(
 
 def _core_attention_spec(score_strategy: str, ring: bool) -> ModuleSpec:
     if ring:
-        from megatron_helix.attention.ring_core_attention import RingDotProductAttention
-
-        return ModuleSpec(module=RingDotProductAttention)
+        return ModuleSpec(module=HelixRingCoreAttention)
     return ModuleSpec(module=HelixCoreAttention, params={"score_strategy": score_strategy})
 
 

@@ -234,7 +234,6 @@ def _train(args) -> List[Dict[str, float]]:
     num_micro = global_batch // (args.micro_batch_size * dp_size)
     data = SuccessorTableData(args.vocab_size, args.seq_length, args.seed)
     forward_backward = get_forward_backward_func()
-    local_seq = args.seq_length // args.context_parallel_size
 
     metrics: List[Dict[str, float]] = []
     for iteration in range(args.train_iters):
@@ -244,7 +243,7 @@ def _train(args) -> List[Dict[str, float]]:
         batches = _micro_batches(data, iteration, args, mpu.get_data_parallel_rank(), num_micro)
         reports = forward_backward(
             forward_step_func=_forward_step, data_iterator=batches, model=[model],
-            num_microbatches=num_micro, seq_length=local_seq,
+            num_microbatches=num_micro, seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         _, grad_norm, _ = optimizer.step()

@@ -21,6 +21,11 @@ DENSE_LAYOUTS = {
     "helix 4x1": ["--helix-m", "4", "--helix-n", "1"],
     "TP=4": ["--tensor-model-parallel-size", "4"],
     "PP=2 x helix 2x1": ["--pipeline-model-parallel-size", "2", "--helix-m", "2", "--helix-n", "1"],
+    "ring R=4": ["--helix-ring-size", "4"],
+    "ring R=2 (--context-parallel-size)": ["--context-parallel-size", "2",
+                                           "--micro-batch-size", "1"],
+    "ring R=2 x helix 2x1": ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1"],
+    "ring R=2 x PP=2": ["--helix-ring-size", "2", "--pipeline-model-parallel-size", "2"],
 }
 MOE_LAYOUTS = {"MoE helix 2x2": ["--helix-m", "2", "--helix-n", "2"]}
 
@@ -28,6 +33,7 @@ MOE_LAYOUTS = {"MoE helix 2x2": ["--helix-m", "2", "--helix-n", "2"]}
 def _train_many(rank, world_size, runs):
     from megatron_helix.trainer import build_parser, train
 
+    # Later flags win: a layout may override the micro-batch size (global batch stays 4).
     return {name: [m["loss"] for m in train(build_parser().parse_args(argv))]
             for name, argv in runs.items()}
 
