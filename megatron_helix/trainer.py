@@ -83,14 +83,16 @@ def _init_distributed() -> None:
 
 def _transformer_config(args, dtype: torch.dtype):
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_helix.config import helix_transformer_config
 
     moe = dict(
         num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
         moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
     ) if args.num_experts else {}
     on_cpu = not torch.cuda.is_available()
-    return TransformerConfig(
+    return helix_transformer_config(
+        helix_m=args.helix_m,
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,

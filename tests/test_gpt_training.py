@@ -28,6 +28,10 @@ DENSE_LAYOUTS = {
     "ring R=2 x PP=2": ["--helix-ring-size", "2", "--pipeline-model-parallel-size", "2"],
 }
 MOE_LAYOUTS = {"MoE helix 2x2": ["--helix-m", "2", "--helix-n", "2"]}
+# More ranks than heads: 2 heads of 32 dims on helix 2 x 2 (plain TP=4 cannot split 2 heads).
+FEW_HEADS = ["--num-attention-heads", "2"]
+FEW_HEADS_LAYOUTS = {"helix 2x2 on 2 heads": ["--helix-m", "2", "--helix-n", "2"],
+                     "helix 4x1 on 2 heads": ["--helix-m", "4", "--helix-n", "1"]}
 
 
 def _train_many(rank, world_size, runs):
@@ -40,7 +44,7 @@ def _train_many(rank, world_size, runs):
 
 @pytest.fixture(scope="module")
 def references():
-    runs = {"dense": MODEL, "moe": MODEL + MOE}
+    runs = {"dense": MODEL, "moe": MODEL + MOE, "few heads": MODEL + FEW_HEADS}
     return run_distributed(_train_many, 1, runs)[0]
 
 
@@ -48,6 +52,7 @@ def references():
 def parallel_runs():
     runs = {name: MODEL + argv for name, argv in DENSE_LAYOUTS.items()}
     runs.update({name: MODEL + MOE + argv for name, argv in MOE_LAYOUTS.items()})
+    runs.update({name: MODEL + FEW_HEADS + argv for name, argv in FEW_HEADS_LAYOUTS.items()})
     results = run_distributed(_train_many, 4, runs)
     for other in results[1:]:
         assert other == results[0], "every rank must report the same losses"
@@ -69,3 +74,8 @@ def test_dense_layouts_match_one_device(name, references, parallel_runs):
 @pytest.mark.parametrize("name", list(MOE_LAYOUTS))
 def test_moe_with_helix_attention_matches_one_device(name, references, parallel_runs):
     _assert_same_curve(references["moe"], parallel_runs[name], name)
+
+
+@pytest.mark.parametrize("name", list(FEW_HEADS_LAYOUTS))
+def test_more_helix_ranks_than_heads_matches_one_device(name, references, parallel_runs):
+    _assert_same_curve(references["few heads"], parallel_runs[name], name)
