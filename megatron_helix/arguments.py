@@ -1,50 +1,43 @@
 """Command-line flags for helix, ring and layer-wise parallelism, and their translation into
 Megatron's own parallel sizes.
 
-The helix group *is* Megatron's tensor-parallel group and the ring *is* its context-parallel
-group, so the flags do not add new sizes next to Megatron's: ``apply_helix_args`` rewrites
-``--tensor-model-parallel-size`` and ``--context-parallel-size`` from them *before* Megatron's
-``validate_args`` derives the data-parallel size, the sequence-parallel switch and the expert
-sizes from those two numbers. Everything is reported at once, each problem naming the flags, the
-numbers and a value that works, identically on every rank, before any process group exists.
+The helix group *is* Megatron's tensor-parallel group, the ring *is* its context-parallel group
+and layer-wise stages *are* its pipeline stages, so the flags add no sizes next to Megatron's:
+``apply_helix_args`` rewrites ``--tensor-model-parallel-size``, ``--context-parallel-size`` and
+the pipeline size and layout from them *before* Megatron's ``validate_args`` derives the
+data-parallel size, sequence parallelism and the expert sizes from those numbers. Every problem
+is reported at once, naming the flags, the numbers and a value that works, identically on every
+rank, before any process group exists.
 
-Used by Megatron-LM (``patches/``, ``megatron_helix.launch``) and by the plugin's own trainer;
-both parsers use Megatron's flag names, so attributes a parser does not define are read as
-Megatron's defaults (feature off).
+Megatron-LM's training loop needs four hooks, in this order: ``helix_args_provider`` (its
+``extra_args_provider``), ``apply_helix_args`` (before ``validate_args``),
+``initialize_helix_from_args`` (after its process groups and seeds) and
+``helix_spec_from_args`` (the layer spec). ``patches/`` calls them from Megatron-LM's code,
+``megatron_helix.launch`` wraps an unmodified tree with them, and the plugin's own trainer calls
+them from its own argparse parser. Both parsers use Megatron's flag names; attributes a parser
+does not define read as Megatron's defaults (feature off).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.strategy import STRATEGIES
+from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
 from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
-_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
 
-
-def parse_bytes(text: str) -> int:
-    """``"50MB"`` -> 50_000_000, ``"50MiB"`` -> 52_428_800: decimal SI and binary IEC units.
-
-    Both spellings exist because vendors quote caches in either; the plugin never guesses.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else None
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: write a number with an optional unit, e.g. 50MB (10^6 "
-            f"bytes) or 40MiB (2^20 bytes); units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
+def _budget(text: str) -> str:
+    """argparse type of ``--helix-cache-budget``: checked now, kept as written (it is logged)."""
+    try:
+        parse_budget(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_helix_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,7 +45,7 @@ def add_helix_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(
         title="helix",
         description="Helix attention (heads x head-dim partitioning on the tensor-parallel "
-        "group), ring attention on the context-parallel group, layer-wise stages.",
+        "group), ring attention on the context-parallel group, layer-wise pipeline stages.",
     )
     group.add_argument(
         "--helix-m", type=int, default=1,
@@ -65,8 +58,8 @@ def add_helix_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--helix-ring-size", type=int, default=1,
-        help="Ranks in the attention ring (sequence split R ways); becomes the "
-        "context-parallel size. Uses the plugin's ring attention, no Transformer Engine needed.",
+        help="Ranks in the attention ring (the sequence is split R ways); becomes the "
+        "context-parallel size. Runs the plugin's ring attention, no Transformer Engine needed.",
     )
     group.add_argument(
         "--helix-score-strategy", choices=STRATEGIES, default="auto",
@@ -76,13 +69,14 @@ def add_helix_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--helix-layerwise", action="store_true",
-        help="Layer-wise pipeline stages: one transformer layer per pipeline stage unless "
-        "--pipeline-model-parallel-size says otherwise.",
+        help="Layer-wise pipeline: one decoder layer per stage unless "
+        "--pipeline-model-parallel-size is given; with --helix-cache-budget the planner cuts "
+        "the layers so that every stage's training working set fits the budget.",
     )
     group.add_argument(
-        "--helix-cache-budget", type=parse_bytes, default=None, metavar="SIZE",
-        help="Per-device cache budget of a layer-wise stage, e.g. 50MB or 40MiB (needs "
-        "--helix-layerwise). Stored in bytes.",
+        "--helix-cache-budget", type=_budget, default=None, metavar="SIZE",
+        help="Per-device budget of a layer-wise stage: 50MB (10^6 B), 40MiB (2^20 B), a byte "
+        "count, or a device name such as h100-l2 or h100-hbm (needs --helix-layerwise).",
     )
     return parser
 
@@ -130,8 +124,15 @@ _INCOMPATIBLE = (
      "the helix ring is one flat context-parallel group"),
 )
 
+# Features computed over all of a head's dims, impossible once --helix-m > 1 slices them.
+_WHOLE_HEAD = (
+    ("qk_layernorm", "--qk-layernorm"),
+    ("attention_output_gate", "--attention-output-gate"),
+)
 
-def _incompatibility_errors(args: argparse.Namespace) -> List[str]:
+
+def _attention_errors(args: argparse.Namespace) -> List[str]:
+    """Flags whose model the helix layer spec cannot build."""
     problems = [
         f"{flag} cannot be combined with helix attention: {why}"
         for attr, flag, why in _INCOMPATIBLE
@@ -159,13 +160,21 @@ def _incompatibility_errors(args: argparse.Namespace) -> List[str]:
             f"--position-embedding-type {kind} is not supported with helix attention; "
             f"use rope, learned_absolute or none"
         )
+    if args.helix_m == 1:
+        return problems
     rotary_percent = getattr(args, "rotary_percent", 1.0)
-    if args.helix_m > 1 and rope_pairing_from_args(args) != "none" and rotary_percent != 1.0:
+    if rope_pairing_from_args(args) != "none" and rotary_percent != 1.0:
         problems.append(
             f"--rotary-percent {rotary_percent} with --helix-m {args.helix_m}: a dim slice "
             f"must hold whole RoPE pairs of a fully rotated head; use --rotary-percent 1.0 "
             f"or --helix-m 1"
         )
+    problems += [
+        f"{flag} with --helix-m {args.helix_m}: it needs a whole head on one rank; use "
+        f"--helix-m 1 (heads-only partitioning)"
+        for attr, flag in _WHOLE_HEAD
+        if getattr(args, attr, False)
+    ]
     return problems
 
 
@@ -177,6 +186,62 @@ def _contradiction(flag: str, given: int, wanted: int, because: str, meaning: st
         f"{flag} {given} contradicts {because} = {wanted} ({meaning}); drop {flag} or set it "
         f"to {wanted}"
     ]
+
+
+_PIPELINE_CUT_FLAGS = (
+    ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"),
+    ("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
+    ("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers"),
+)
+
+
+def _layerwise_stages(
+    args: argparse.Namespace, tensor_split: int
+) -> Tuple[int, Optional[StagePlan], List[str]]:
+    """Pipeline stages of ``--helix-layerwise``: ``(stages, plan or None, problems)``.
+
+    Stages: ``--pipeline-model-parallel-size`` when given, else one per decoder layer. With a
+    budget the layer-wise planner cuts the layers into them so that every stage's training
+    working set fits, or explains why none does.
+    """
+    num_layers = getattr(args, "num_layers", None)
+    if num_layers is None:
+        return 1, None, ["--helix-layerwise needs --num-layers"]
+    stages = getattr(args, "pipeline_model_parallel_size", 1)
+    stages = num_layers if stages == 1 else stages
+    budget = getattr(args, "helix_cache_budget", None)
+    if budget is None:
+        return stages, None, []
+    problems = [
+        f"{flag} and --helix-cache-budget both cut the pipeline; drop {flag}"
+        for attr, flag in _PIPELINE_CUT_FLAGS if getattr(args, attr, None) is not None
+    ]
+    shape = {name: getattr(args, name, None) for name in (
+        "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "micro_batch_size")}
+    missing = [f"--{name.replace('_', '-')}" for name, value in shape.items() if value is None]
+    if missing:
+        return stages, None, problems + [f"--helix-cache-budget needs {', '.join(missing)}"]
+    groups = getattr(args, "num_query_groups", None)
+    try:
+        plan = plan_from_args(
+            num_layers=num_layers, **shape, budget=budget,
+            pipeline_model_parallel_size=stages, tensor_model_parallel_size=tensor_split,
+            mode="training",
+            num_query_groups=groups if getattr(args, "group_query_attention", False) else None,
+            kv_channels=getattr(args, "kv_channels", None),
+            num_experts=getattr(args, "num_experts", None) or None,
+            moe_router_topk=getattr(args, "moe_router_topk", 2),
+            vocab_size=getattr(args, "vocab_size", None),
+            gated_linear_unit=getattr(args, "swiglu", False),
+            add_bias_linear=getattr(args, "add_bias_linear", True),
+            normalization=getattr(args, "normalization", "LayerNorm"),
+            untie_embeddings_and_output_weights=getattr(
+                args, "untie_embeddings_and_output_weights", False),
+            dtype_bytes=2 if getattr(args, "fp16", False) or getattr(args, "bf16", False) else 4,
+        )
+    except (LayerwisePlanError, ValueError) as error:
+        return stages, None, problems + [f"--helix-layerwise --helix-cache-budget {budget}: {error}"]
+    return stages, plan, problems
 
 
 def _world_size(args: argparse.Namespace) -> Optional[int]:
@@ -193,8 +258,9 @@ def apply_helix_args(
     ways, like Megatron's TP of ``k``); ``context_parallel_size`` and ``helix_ring_size`` to the
     ring size (``--helix-ring-size``, or Megatron's ``--context-parallel-size`` when only that
     is given, because helix attention must run the ring whenever the sequence is split); and,
-    with ``--helix-layerwise``, a pipeline size of one layer per stage unless one is given.
-    A Megatron size of 1 counts as not given; any other value must agree with the helix flags.
+    with ``--helix-layerwise``, the pipeline size (and, with a budget, the planner's
+    ``pipeline_model_parallel_layout``). A Megatron size of 1 counts as not given; any other
+    value must agree with the helix flags.
 
     Returns the validated sizes, or None when no helix flag is set (or the parser never added
     them), leaving ``args`` untouched. ``world_size`` defaults to ``args.world_size`` or the
@@ -211,9 +277,8 @@ def apply_helix_args(
         return None
 
     m, n = args.helix_m, args.helix_n
-    problems: List[str] = []
     tp = getattr(args, "tensor_model_parallel_size", 1)
-    problems += _contradiction(
+    problems = _contradiction(
         "--tensor-model-parallel-size", tp, m * n, f"--helix-m {m} x --helix-n {n}",
         "the helix group is Megatron's tensor-parallel group"
         + (f"; --helix-n {tp} splits whole heads {tp} ways like TP {tp}" if m * n == 1 else ""),
@@ -226,16 +291,14 @@ def apply_helix_args(
             "the ring is Megatron's context-parallel group",
         )
         cp = args.helix_ring_size
-    pp = getattr(args, "pipeline_model_parallel_size", 1)
+    pp, plan = getattr(args, "pipeline_model_parallel_size", 1), None
     if layerwise:
-        num_layers = getattr(args, "num_layers", None)
-        if num_layers is None:
-            problems.append("--helix-layerwise needs --num-layers")
-        elif pp == 1:
-            pp = num_layers
-    if budget is not None and not layerwise:
+        pp, plan, found = _layerwise_stages(args, m * n)
+        problems += found
+    elif budget is not None:
         problems.append("--helix-cache-budget needs --helix-layerwise")
-    problems += _incompatibility_errors(args)
+    if uses_helix(args):
+        problems += _attention_errors(args)
 
     # An unknown world size checks only the shape: the smallest world holding the layout.
     world = world_size or _world_size(args) or m * n * cp * pp
@@ -247,6 +310,8 @@ def apply_helix_args(
     args.tensor_model_parallel_size = m * n
     args.context_parallel_size = args.helix_ring_size = cp
     args.pipeline_model_parallel_size = pp
+    if plan is not None and plan.num_stages > 1:
+        args.pipeline_model_parallel_layout = plan.pipeline_layout
     return dims
 
 
@@ -270,11 +335,28 @@ def _model_shape(args: argparse.Namespace) -> dict:
     )
 
 
+def initialize_helix_from_args(args: argparse.Namespace) -> None:
+    """Build the helix groups and seed the slice groups' dropout; a no-op without helix.
+
+    Call on every rank right after Megatron's ``initialize_model_parallel`` and seeding (group
+    creation is collective). The seed follows Megatron's ``seed + 100 * pipeline rank`` so
+    pipeline stages draw different masks while the ranks of one slice group agree.
+    """
+    if getattr(args, "helix_m", 1) * getattr(args, "helix_n", 1) == 1:
+        return
+    from megatron.core import parallel_state as mpu
+
+    from megatron_helix.parallel_state import build_helix_groups, helix_manual_seed
+
+    build_helix_groups(args.helix_m, args.helix_n)
+    helix_manual_seed(args.seed + 100 * mpu.get_pipeline_model_parallel_rank())
+
+
 def helix_spec_from_args(args: argparse.Namespace):
     """The helix GPT layer spec (local or TE, dense or MoE) for validated Megatron args.
 
-    Call after ``validate_args`` (it turns ``--num-experts 0`` into None). Imported lazily so
-    that parsing and validating flags never imports torch or megatron-core.
+    Call after ``validate_args`` (it turns ``--num-experts 0`` into None). The specs are
+    imported here, not at the top, so that parsing and validating flags never imports torch.
     """
     from megatron_helix.specs import get_gpt_layer_helix_spec
 
@@ -296,7 +378,7 @@ __all__ = [
     "apply_helix_args",
     "helix_args_provider",
     "helix_spec_from_args",
-    "parse_bytes",
+    "initialize_helix_from_args",
     "rope_pairing_from_args",
     "uses_helix",
 ]

@@ -1,0 +1,147 @@
+"""Block attention with log-sum-exp: the kernel every ring step runs, and the LSE merge.
+
+A ring step attends local queries to one visiting key/value block. To combine blocks exactly
+the kernel must return, besides the output, the log-sum-exp of each query row's scaled scores,
+``lse = log(sum_j exp(scale * q . k_j))``; the backward of a block then needs that row's *global*
+output and LSE, never a per-block softmax. torch's flash SDPA aten ops expose exactly this pair:
+``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) on CPU, and
+``_scaled_dot_product_flash_attention`` (+ ``_backward``) on CUDA (FlashAttention-2 inside
+PyTorch; on Hopper ``torch.nn.attention.activate_flash_attention_impl("FA3")`` swaps FA3 into the
+same ops, so nothing here changes).
+
+Layout: Megatron's ``[s, b, heads, d]`` throughout, ``lse`` as ``[s, b, heads]`` fp32. The aten
+ops take ``[b, heads, s, d]``; the permutation is a free view (the ops need only the last dim
+contiguous), and keeping ``s`` outermost makes the zigzag halves of a shard contiguous slices.
+
+GQA: ``k``/``v`` arrive un-expanded (``g`` groups, query head ``i`` uses group
+``i // (heads // g)``, Megatron's ``repeat_interleave`` order). Both aten flash ops accept that
+directly and return ``dk``/``dv`` already reduced to ``g`` groups, so nothing is ever expanded.
+
+Causal means the diagonal block: ``sq == sk`` and query ``i`` sees keys ``0..i``.
+
+Not supported: dropout (the CPU op refuses it, and the CUDA backward would need the forward's
+RNG state carried alongside the LSE) and fp32 on CUDA (flash kernels take fp16/bf16 only).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise ``ValueError`` unless q ``[sq, b, h, d]``, k/v ``[sk, b, g, d]`` fit together."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "attention expects q [s, b, heads, d] and k, v [s, b, groups, d]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch (dim 1) and head "
+            "dim (dim 3)"
+        )
+    heads, groups = q.shape[2], k.shape[2]
+    if heads % groups:
+        raise ValueError(
+            f"{heads} query heads cannot share {groups} key/value groups: groups must divide heads"
+        )
+    if q.dtype != k.dtype or k.dtype != v.dtype or q.device != k.device or k.device != v.device:
+        raise ValueError(
+            f"q, k, v must share dtype and device; got {q.dtype}/{q.device}, "
+            f"{k.dtype}/{k.device}, {v.dtype}/{v.device}"
+        )
+
+
+def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    check_qkv(q, k, v)
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        raise ValueError("block attention needs at least one query and one key")
+    if causal and q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"a causal block is a diagonal block: sq ({q.shape[0]}) must equal sk ({k.shape[0]})"
+        )
+    if q.is_cuda and q.dtype not in _CUDA_DTYPES:
+        raise TypeError(
+            f"flash attention on CUDA takes fp16 or bf16, not {q.dtype}; run fp32 on CPU"
+        )
+
+
+def _bhsd(x: Tensor) -> Tensor:
+    """``[s, b, h, d]`` -> ``[b, h, s, d]`` view."""
+    return x.permute(1, 2, 0, 3)
+
+
+def _sbhd(x: Tensor) -> Tensor:
+    """``[b, h, s, d]`` -> ``[s, b, h, d]`` view."""
+    return x.permute(2, 0, 1, 3)
+
+
+def block_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float
+) -> Tuple[Tensor, Tensor]:
+    """``softmax(scale * q k^T) v`` for one block, with its log-sum-exp.
+
+    q ``[sq, b, h, d]``, k/v ``[sk, b, g, d]`` -> out ``[sq, b, h, d]`` (q's dtype),
+    lse ``[sq, b, h]`` fp32.
+    """
+    _check_block(q, k, v, causal)
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=softmax_scale
+        )[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=softmax_scale
+        )
+    return _sbhd(out), lse.permute(2, 0, 1)
+
+
+def block_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    causal: bool, softmax_scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block given the rows' final ``out`` ``[sq, b, h, d]`` and ``lse``
+    ``[sq, b, h]``.
+
+    Passing the merged (global) out and lse rather than the block's own makes the result this
+    block's exact share of the full gradient: ``P = exp(scale q k^T - lse)`` is the global
+    probability and ``rowsum(dout * out)`` the global softmax correction.
+    Returns dq ``[sq, b, h, d]``, dk, dv ``[sk, b, g, d]`` in the inputs' dtype.
+    """
+    _check_block(q, k, v, causal)
+    args = (_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out))
+    lse_bhs = lse.permute(1, 2, 0).contiguous()  # the CUDA kernel indexes lse as dense [b, h, s]
+    if q.is_cuda:
+        no_rng = torch.empty(0, dtype=torch.uint64, device=q.device)  # read only with dropout
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            *args, lse_bhs, None, None, q.shape[0], k.shape[0], 0.0, causal, no_rng, no_rng,
+            scale=softmax_scale,
+        )
+    else:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *args, lse_bhs, 0.0, causal, scale=softmax_scale
+        )
+    dq, dk, dv = (_sbhd(g) for g in grads)
+    return dq, dk, dv
+
+
+def merge_block_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Fold one block's result into the running ``out`` ``[s, b, h, d]`` / ``lse`` ``[s, b, h]``
+    (both fp32, updated in place; views such as row slices are fine).
+
+    The exact softmax merge is ``lse' = log(e^lse + e^lse_b)`` and
+    ``out' = (e^lse out + e^lse_b out_b) / e^lse'``. Written with sigmoids of LSE differences it
+    never exponentiates a large number: ``out' = out - sigmoid(lse_b - lse) (out - out_b)`` and
+    ``lse' = lse - logsigmoid(lse - lse_b)``.
+    """
+    block_lse = block_lse.float()
+    out.sub_(torch.sigmoid(block_lse - lse).unsqueeze(-1) * (out - block_out.float()))
+    lse.sub_(F.logsigmoid(lse - block_lse))
