@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="Megatron's sequence parallelism (on by itself for MoE with TP)")
     add_helix_args(parser)
+    # The trainer never ties the output layer to the embedding (planner and loaders read this).
+    parser.set_defaults(untie_embeddings_and_output_weights=True)
     return parser
 
 
@@ -104,6 +106,7 @@ def _transformer_config(args, dtype: torch.dtype):
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16, fp16=args.fp16, params_dtype=dtype, pipeline_dtype=dtype,
+        pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None),
         calculate_per_token_loss=True, finalize_model_grads_func=finalize_model_grads,
         init_method_std=0.02, use_cpu_initialization=True,
         # gloo: unbatched p2p (batched p2p with interleaving misorders on gloo) and no syncs.
@@ -183,6 +186,9 @@ def train(args) -> List[Dict[str, float]]:
         raise ValueError("--clip-grad > 0 needs CUDA: megatron-core 0.16.1 clips CUDA tensors only")
     _init_distributed()
     enable_cpu_execution()
+    # Megatron-LM's defaults, filled before the helix checks read them.
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     apply_helix_args(args, world_size=dist.get_world_size())
     if args.num_experts and args.tensor_model_parallel_size > 1:
         args.sequence_parallel = True  # megatron-core refuses MoE training with TP but no SP

@@ -30,6 +30,13 @@ DENSE_LAYOUTS = {
 MOE_LAYOUTS = {"MoE helix 2x2": ["--helix-m", "2", "--helix-n", "2"]}
 # More ranks than heads: 2 heads of 32 dims on helix 2 x 2 (plain TP=4 cannot split 2 heads).
 FEW_HEADS = ["--num-attention-heads", "2"]
+# Layer-wise: one layer per stage, and the planner's uneven cut "Et|t*2|t*2|tL" of 6 layers.
+LAYERWISE_LAYOUTS = {
+    "layer-wise 4 layers on 4 stages": ("4 layers", ["--num-layers", "4", "--helix-layerwise"]),
+    "layer-wise planned 6 layers, 4 stages, 4MB": (
+        "6 layers", ["--num-layers", "6", "--helix-layerwise", "--pipeline-model-parallel-size",
+                     "4", "--helix-cache-budget", "4MB"]),
+}
 FEW_HEADS_LAYOUTS = {"helix 2x2 on 2 heads": ["--helix-m", "2", "--helix-n", "2"],
                      "helix 4x1 on 2 heads": ["--helix-m", "4", "--helix-n", "1"]}
 
@@ -45,6 +52,7 @@ def _train_many(rank, world_size, runs):
 @pytest.fixture(scope="module")
 def references():
     runs = {"dense": MODEL, "moe": MODEL + MOE, "few heads": MODEL + FEW_HEADS}
+    runs.update({f"{layers} layers": MODEL + ["--num-layers", layers] for layers in ("4", "6")})
     return run_distributed(_train_many, 1, runs)[0]
 
 
@@ -53,6 +61,7 @@ def parallel_runs():
     runs = {name: MODEL + argv for name, argv in DENSE_LAYOUTS.items()}
     runs.update({name: MODEL + MOE + argv for name, argv in MOE_LAYOUTS.items()})
     runs.update({name: MODEL + FEW_HEADS + argv for name, argv in FEW_HEADS_LAYOUTS.items()})
+    runs.update({name: MODEL + argv for name, (_, argv) in LAYERWISE_LAYOUTS.items()})
     results = run_distributed(_train_many, 4, runs)
     for other in results[1:]:
         assert other == results[0], "every rank must report the same losses"
@@ -79,3 +88,8 @@ def test_moe_with_helix_attention_matches_one_device(name, references, parallel_
 @pytest.mark.parametrize("name", list(FEW_HEADS_LAYOUTS))
 def test_more_helix_ranks_than_heads_matches_one_device(name, references, parallel_runs):
     _assert_same_curve(references["few heads"], parallel_runs[name], name)
+
+
+@pytest.mark.parametrize("name", list(LAYERWISE_LAYOUTS))
+def test_layerwise_pipelines_match_one_device(name, references, parallel_runs):
+    _assert_same_curve(references[LAYERWISE_LAYOUTS[name][0]], parallel_runs[name], name)
