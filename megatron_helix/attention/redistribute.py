@@ -24,12 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from megatron_helix.attention.zigzag import zigzag_chunks
 from megatron_helix.collectives import all_gather_stacked, all_to_all
-
-
-def zigzag_chunks(rank: int, world: int) -> tuple[int, int]:
-    """The two of ``2 * world`` sequence chunks that ``rank`` handles."""
-    return rank, 2 * world - 1 - rank
 
 
 def _dims_to_tokens(x: Tensor, m: int, group) -> Tensor:
