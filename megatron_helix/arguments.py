@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.strategy import STRATEGIES
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
+from megatron_helix.layout import rope_pairing
 from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -103,9 +104,7 @@ def rope_pairing_from_args(args: argparse.Namespace) -> str:
     kind = getattr(args, "position_embedding_type", "learned_absolute")
     if getattr(args, "use_rotary_position_embeddings", False):  # Megatron's deprecated alias
         kind = "rope"
-    if kind != "rope":
-        return "none"
-    return "interleaved" if getattr(args, "rotary_interleaved", False) else "rotate_half"
+    return rope_pairing(kind, getattr(args, "rotary_interleaved", False))
 
 
 # Megatron features that replace or bypass the attention the helix spec provides:
@@ -240,7 +239,8 @@ def _layerwise_stages(
             dtype_bytes=2 if getattr(args, "fp16", False) or getattr(args, "bf16", False) else 4,
         )
     except (LayerwisePlanError, ValueError) as error:
-        return stages, None, problems + [f"--helix-layerwise --helix-cache-budget {budget}: {error}"]
+        problems.append(f"--helix-layerwise --helix-cache-budget {budget}: {error}")
+        return stages, None, problems
     return stages, plan, problems
 
 

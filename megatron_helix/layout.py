@@ -128,6 +128,15 @@ class HelixLayout:
 
 
 ROPE_PAIRINGS = ("rotate_half", "interleaved", "none")
+_ROTARY_EMBEDDINGS = ("rope", "yarn")
+
+
+def rope_pairing(position_embedding_type: str, rotary_interleaved: bool) -> str:
+    """The RoPE pairing of a model (Megatron's ``--position-embedding-type``,
+    ``--rotary-interleaved``): it decides which head dims a slice may own."""
+    if position_embedding_type not in _ROTARY_EMBEDDINGS:
+        return "none"
+    return "interleaved" if rotary_interleaved else "rotate_half"
 
 
 def slice_dims(head_dim: int, m: int, dim_slice: int, rope_pairing: str) -> List[int]:

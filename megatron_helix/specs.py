@@ -6,9 +6,10 @@ one (``HelixCoreAttention`` on one sequence shard, the ring core attention when 
 split over a context-parallel ring). Linear layers, norms, MLP and MoE stay Megatron's.
 
 For Megatron-LM's ``--spec MODULE NAME`` the module exposes ready-made objects:
-``helix_layer_local_spec``, ``helix_moe_layer_local_spec`` and the Transformer Engine variants
-``helix_layer_te_spec``, ``helix_moe_layer_te_spec`` (built on first access, so importing this
-module never needs Transformer Engine).
+``helix_layer_local_spec``, ``helix_moe_layer_local_spec``, ``helix_ring_layer_local_spec`` and
+their Transformer Engine twins ``helix_layer_te_spec``, ``helix_moe_layer_te_spec``,
+``helix_ring_layer_te_spec`` (without Transformer Engine these build into a clear ImportError,
+so importing this module never needs it).
 """
 
 from __future__ import annotations
@@ -89,17 +90,25 @@ def _core_attention_spec(score_strategy: str, ring: bool) -> ModuleSpec:
     return ModuleSpec(module=HelixCoreAttention, params={"score_strategy": score_strategy})
 
 
+def _transformer_engine_missing(*args, **kwargs):
+    raise ImportError(
+        "this helix spec uses Transformer Engine layers and transformer_engine is not installed; "
+        "use megatron_helix.specs helix_layer_local_spec (or helix_moe_layer_local_spec)"
+    )
+
+
+def _te_spec(**kwargs) -> ModuleSpec:
+    """A real module attribute either way: Megatron's ``--spec`` reads ``vars(module)[name]``."""
+    if _have_transformer_engine():
+        return get_gpt_layer_helix_spec(use_te=True, **kwargs)
+    return ModuleSpec(module=_transformer_engine_missing)
+
+
+# Ready-made specs for Megatron-LM's ``--spec megatron_helix.specs NAME``. MoE specs take the
+# expert count from the config (``--num-experts``); the ring specs need a context-parallel ring.
 helix_layer_local_spec = get_gpt_layer_helix_spec()
-helix_moe_layer_local_spec = get_gpt_layer_helix_spec(num_experts=8)
-
-_LAZY_TE_SPECS = {
-    "helix_layer_te_spec": dict(use_te=True),
-    "helix_moe_layer_te_spec": dict(use_te=True, num_experts=8),
-}
-
-
-def __getattr__(name: str) -> ModuleSpec:
-    """Build the Transformer Engine specs on first access (PEP 562)."""
-    if name in _LAZY_TE_SPECS:
-        return get_gpt_layer_helix_spec(**_LAZY_TE_SPECS[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+helix_moe_layer_local_spec = get_gpt_layer_helix_spec(num_experts=1)
+helix_ring_layer_local_spec = get_gpt_layer_helix_spec(ring=True)
+helix_layer_te_spec = _te_spec()
+helix_moe_layer_te_spec = _te_spec(num_experts=1)
+helix_ring_layer_te_spec = _te_spec(ring=True)

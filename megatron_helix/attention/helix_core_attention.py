@@ -22,6 +22,7 @@ from torch import Tensor
 from megatron_helix import parallel_state as helix_state
 from megatron_helix.attention.redistribute import redistribute_attention
 from megatron_helix.attention.score_allreduce import score_allreduce_attention
+from megatron_helix.attention.sdpa import sdpa_attention
 from megatron_helix.attention.strategy import STRATEGIES, SliceGroupShape, choose_strategy
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
@@ -92,10 +93,16 @@ class HelixCoreAttention(MegatronModule):
         mask = attention_mask if mask_type in _MASKED_TYPES else None
         dropout_p = self.dropout_p if self.training else 0.0
 
-        group = helix_state.get_helix_slice_group()
         sq, b, h, dm = query.shape
+        m = helix_state.get_helix_m()
+        if m == 1:  # whole heads on this rank: nothing to combine (also without helix groups)
+            self.last_strategy = "local"
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = sdpa_attention(query, key, value, causal, self.softmax_scale, mask, dropout_p)
+            return out.reshape(sq, b, h * dm)
+        group = helix_state.get_helix_slice_group()
         shape = SliceGroupShape(
-            m=helix_state.get_helix_m(), batch=b, seq_q=sq, seq_kv=key.shape[0], heads=h,
+            m=m, batch=b, seq_q=sq, seq_kv=key.shape[0], heads=h,
             kv_heads=key.shape[2], slice_dim=dm, element_bytes=query.element_size(),
         )
         strategy = choose_strategy(self.score_strategy, shape, backward=self.training)

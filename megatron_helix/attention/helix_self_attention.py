@@ -25,14 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_helix import parallel_state as helix_state
-from megatron_helix.layout import HelixLayout
-
-
-def rope_pairing(config: TransformerConfig, position_embedding_type: str = "rope") -> str:
-    """The RoPE pairing a model uses: decides which dims a slice may own."""
-    if position_embedding_type not in ("rope", "yarn"):
-        return "none"
-    return "interleaved" if config.rotary_interleaved else "rotate_half"
+from megatron_helix.layout import HelixLayout, rope_pairing
 
 
 @contextlib.contextmanager
@@ -72,7 +65,7 @@ class HelixSelfAttention(SelfAttention):
         m, n = helix_state.get_helix_m(), helix_state.get_helix_n()
         self.helix_layout = HelixLayout(
             m, n, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
-            config.kv_channels, rope_pairing(config, position_embedding_type),
+            config.kv_channels, rope_pairing(position_embedding_type, config.rotary_interleaved),
         )
         _refuse_unsupported(config, submodules, m)
         with _tolerate_uneven_tp_heads():

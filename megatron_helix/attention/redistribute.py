@@ -20,10 +20,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
+from megatron_helix.attention.sdpa import sdpa_attention
 from megatron_helix.attention.zigzag import zigzag_chunks
 from megatron_helix.collectives import all_gather_stacked, all_to_all
 
@@ -44,36 +43,6 @@ def _tokens_to_dims(y: Tensor, m: int, group) -> Tensor:
     order = [chunk for j in range(m) for chunk in zigzag_chunks(j, m)]
     inverse = [order.index(chunk) for chunk in range(2 * m)]
     return received.reshape((2 * m,) + received.shape[2:])[inverse]
-
-
-def _attend_chunk(
-    q: Tensor, k: Tensor, v: Tensor, chunk: int, chunk_len: int, causal: bool,
-    mask: Optional[Tensor], scale: float, dropout_p: float,
-) -> Tensor:
-    """Queries of one chunk ``[c, b, h, d]`` against keys ``[s, b, g, d]`` -> ``[c, b, h, d]``."""
-    q0 = chunk * chunk_len
-    if causal:
-        key_end = q0 + chunk_len
-        bias = causal_lower_right(chunk_len, key_end)
-    else:
-        key_end = k.shape[0]
-        bias = None
-    if mask is not None:  # Megatron's True = forbidden -> SDPA's True = allowed
-        allowed = ~mask[:, :, q0 : q0 + chunk_len, :key_end]
-        if causal:
-            rows = torch.arange(q0, q0 + chunk_len, device=q.device).unsqueeze(1)
-            allowed = allowed & (torch.arange(key_end, device=q.device) <= rows)
-        bias = allowed
-    out = F.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3),
-        k[:key_end].permute(1, 2, 0, 3),
-        v[:key_end].permute(1, 2, 0, 3),
-        attn_mask=bias,
-        dropout_p=dropout_p,
-        scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.permute(2, 0, 1, 3)
 
 
 def redistribute_attention(
@@ -115,10 +84,12 @@ def redistribute_attention(
     k = all_gather_stacked(key, group).permute(1, 2, 3, 0, 4).flatten(-2)  # [s, b, g, d]
     v = all_gather_stacked(value, group).permute(1, 2, 3, 0, 4).flatten(-2)
     me = dist.get_rank(group)
-    out = torch.stack(
-        [
-            _attend_chunk(q[i], k, v, chunk, c, causal, attention_mask, softmax_scale, dropout_p)
-            for i, chunk in enumerate(zigzag_chunks(me, m))
-        ]
-    )
+    chunks = []
+    for i, chunk in enumerate(zigzag_chunks(me, m)):
+        q0 = chunk * c
+        key_end = q0 + c if causal else s  # a causal chunk sees only its key prefix
+        mask = None if attention_mask is None else attention_mask[:, :, q0:q0 + c, :key_end]
+        chunks.append(sdpa_attention(q[i], k[:key_end], v[:key_end], causal, softmax_scale,
+                                     mask, dropout_p))
+    out = torch.stack(chunks)
     return _tokens_to_dims(out, m, group).reshape(s, b, h, dm)
