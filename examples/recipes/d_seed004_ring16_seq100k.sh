@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Seed 004: 16-layer dense GPT, hidden 4096 = 32 heads x 128, MLP 16384, sequence 100,000,
+# global batch 128, BF16, 16 GPUs. Proposed layout: ring attention over 16 ranks
+# (--helix-ring-size 16 = context-parallel size 16, 6250 tokens per rank). The seed's
+# baseline (TP=8 x PP=2, no sequence split) holds whole 100,000-token sequences per
+# pipeline stage; it may not fit in memory, which is part of what the comparison shows.
+#
+# usage: d_seed004_ring16_seq100k.sh {proposed|tp8pp2|tp16}     (environment: see common.sh)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+: "${PRECISION:=bf16}"
+GLOBAL_BATCH=128
+MODEL_ARGS=(--num-layers 16 --hidden-size 4096 --num-attention-heads 32 --kv-channels 128
+    --ffn-hidden-size 16384 --seq-length 100000 --max-position-embeddings 100000)
+PROPOSED_ARGS=(--helix-ring-size 16)
+run_recipe "${1:-}"
