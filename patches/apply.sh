@@ -17,6 +17,7 @@ TAG_BLOBS=(
     "8eff08d24b20655bb640eb8d2f08f9303ef78495 pretrain_gpt.py"
     "dfe41f7b88e4ed7f052ec62feaaeb3b578620973 gpt_builders.py"
     "c150ac3d5cad8c41b69c11bcff5ac6301f42c6a9 megatron/training/initialize.py"
+    "04d05038b20907d9b0a8f650fbe9582fa1f4e055 megatron/training/inprocess_restart.py"
 )
 PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/megatron-lm-$TAG.patch"
 

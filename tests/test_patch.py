@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 APPLY = ROOT / "patches" / "apply.sh"
 TAG = "core_v0.16.1"
-PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/initialize.py")
+PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/initialize.py",
+                 "megatron/training/inprocess_restart.py")
 
 # Runs a training script as __main__ the way `python SCRIPT` would, with CUDA reported present.
 FAKE_CUDA_RUN = """
@@ -203,15 +204,15 @@ CONTRADICTION = ["--helix-m", "4", "--helix-n", "4", "--tensor-model-parallel-si
                  "--seq-length", "10000", "--max-position-embeddings", "10000", "--mock-data"]
 
 
-def test_pretrain_gpt_help_runs(patched):
-    """``--help`` works in the patched tree. It does not list the helix group: core_v0.16.1
-    answers ``--help`` from an early ``parse_args(ignore_unknown_args=True)`` (in-process
-    restart and fault-tolerance setup) that no ``extra_args_provider`` reaches, which hides
-    every script's extra flags alike. ``megatron_helix.launch`` reaches that parse too."""
+def test_pretrain_gpt_help_lists_the_helix_flags(patched):
+    """core_v0.16.1 answers ``--help`` from the early in-process-restart parse; the patch hands
+    that parse the same ``extra_args_provider`` as ``pretrain``."""
     proc = run(sys.executable, "pretrain_gpt.py", "--help", cwd=patched)
     needs_training_deps(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--tensor-model-parallel-size" in proc.stdout
+    for flag in ("--helix-m", "--helix-n", "--helix-ring-size", "--helix-score-strategy"):
+        assert flag in proc.stdout
 
 
 def test_contradicting_tensor_parallel_size_fails_at_argument_validation(patched):
