@@ -182,8 +182,17 @@ def train(args) -> List[Dict[str, float]]:
             "--num-experts needs --disable-bias-linear: megatron-core 0.16.1's SequentialMLP adds "
             "expert biases in place on a view, which autograd rejects"
         )
-    if args.clip_grad > 0 and not torch.cuda.is_available():
-        raise ValueError("--clip-grad > 0 needs CUDA: megatron-core 0.16.1 clips CUDA tensors only")
+    if not torch.cuda.is_available():
+        if args.clip_grad > 0:
+            raise ValueError(
+                "--clip-grad > 0 needs CUDA: megatron-core 0.16.1 clips CUDA tensors only"
+            )
+        if args.bf16 or args.fp16:
+            raise ValueError(
+                "--bf16/--fp16 training needs CUDA: megatron-core 0.16.1's mixed-precision "
+                "optimizer accepts only CUDA parameters (half-precision helix attention itself "
+                "runs on CPU: see tests/test_helix_strategies.py)"
+            )
     _init_distributed()
     enable_cpu_execution()
     # Megatron-LM's defaults, filled before the helix checks read them.
