@@ -83,7 +83,8 @@ def _init_distributed() -> None:
         dist.init_process_group("gloo")
 
 
-def _transformer_config(args, dtype: torch.dtype):
+def transformer_config(args, dtype: torch.dtype):
+    """Megatron's ``TransformerConfig`` for the trainer's flags (helix sizes already applied)."""
     from megatron.core.distributed import finalize_model_grads
 
     from megatron_helix.config import helix_transformer_config
@@ -170,9 +171,14 @@ def _micro_batches(data: SuccessorTableData, iteration: int, args, dp_rank: int,
         yield data.micro_batch(iteration, first, args.micro_batch_size)
 
 
-def train(args) -> List[Dict[str, float]]:
-    """Train ``args.train_iters`` steps; return the per-iteration metrics (on every rank)."""
+def initialize(args) -> torch.dtype:
+    """Check the flags, start torch.distributed, build Megatron's and the helix groups, seed.
+
+    Everything is validated before any process group beyond the default one exists. Returns
+    the parameter dtype. Undo with ``teardown()``.
+    """
     from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_helix import parallel_state as helix_state
     from megatron_helix.cpu import enable_cpu_execution
@@ -206,29 +212,39 @@ def train(args) -> List[Dict[str, float]]:
         ring_size=args.context_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
     )
-    try:
-        return _train(args)
-    finally:
-        mpu.destroy_model_parallel()
-        helix_state.destroy_helix()
-
-
-def _train(args) -> List[Dict[str, float]]:
-    from megatron.core import parallel_state as mpu
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_helix import parallel_state as helix_state
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     seed = args.seed + 100 * mpu.get_pipeline_model_parallel_rank()
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
     helix_state.helix_manual_seed(seed)
     torch.manual_seed(seed)
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
-    config = _transformer_config(args, dtype)
+
+def teardown() -> None:
+    """Destroy Megatron's and the helix groups (the default process group stays)."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_helix import parallel_state as helix_state
+
+    mpu.destroy_model_parallel()
+    helix_state.destroy_helix()
+
+
+def train(args) -> List[Dict[str, float]]:
+    """Train ``args.train_iters`` steps; return the per-iteration metrics (on every rank)."""
+    dtype = initialize(args)
+    try:
+        return _train(args, dtype)
+    finally:
+        teardown()
+
+
+def _train(args, dtype: torch.dtype) -> List[Dict[str, float]]:
+    from megatron.core import parallel_state as mpu
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = transformer_config(args, dtype)
     model = build_model(args, config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False

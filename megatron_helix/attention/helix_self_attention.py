@@ -76,8 +76,10 @@ class HelixSelfAttention(SelfAttention):
         layout = self.helix_layout
         self.num_attention_heads_per_partition = layout.heads_per_group
         self.num_query_groups_per_partition = layout.query_groups_per_group
-        # The inference KV cache and everything sized per head see this rank's slice width.
+        # The inference KV cache and everything sized per head see this rank's slice width:
+        # a rank caches [max_seq, batch, G/n, d/m], its heads x its dims.
         self.hidden_size_per_attention_head = layout.slice_dim
+        self.key_hidden_size = self.val_hidden_size = layout.slice_dim
         dims = layout.slice_dims(helix_state.get_helix_slice_rank())
         self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
 
@@ -103,10 +105,12 @@ class HelixSelfAttention(SelfAttention):
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
         """Megatron's ``Attention.forward`` with the rotary frequencies cut to this slice."""
-        if kwargs.get("inference_context") is not None or kwargs.get("inference_params") is not None:
+        context = kwargs.get("inference_context") or kwargs.get("inference_params")
+        if context is not None and (not context.is_static_batching() or self.config.flash_decode):
             raise NotImplementedError(
-                "helix attention is implemented for training and full-sequence forward; "
-                "KV-cache inference is not supported yet"
+                "helix attention supports KV-cache inference with static batching "
+                "(StaticInferenceContext) without flash decode; dynamic batching and "
+                "--flash-decode are not supported"
             )
         if args:
             raise TypeError("HelixSelfAttention.forward takes hidden_states, attention_mask "
