@@ -28,7 +28,12 @@ import torch
 
 from megatron_helix.attention.block_kernel import block_attention_backward, block_attention_forward
 from megatron_helix.attention.ring_attention import backward_step, forward_step
-from megatron_helix.attention.zigzag import check_zigzag_length, zigzag_block, zigzag_shard
+from megatron_helix.attention.zigzag import (
+    check_zigzag_length,
+    zigzag_block,
+    zigzag_shard,
+    zigzag_unshard,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,8 +116,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     q, k, v, dout = (
         torch.randn(s, b, h, d, generator=gen, device=device, dtype=dtype) for _ in range(4)
     )
-    shards = [  # (q [s/R, b, h, d], kv [2, s/R, b, h, d]) per rank
-        (zigzag_shard(q, r, ring_size), torch.stack([zigzag_shard(x, r, ring_size) for x in (k, v)]))
+    shards = [  # (q [s/R, b, h, d], kv [2, s/R, b, h, d]) per rank, as the ring stacks k/v
+        (zigzag_shard(q, r, ring_size), zigzag_shard(torch.stack((k, v)), r, ring_size, dim=1))
         for r in range(ring_size)
     ]
     douts = [zigzag_shard(dout, r, ring_size) for r in range(ring_size)]
@@ -133,6 +138,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         def ring_fwd_bwd():
             return _ring_backward_all_ranks(shards, douts, ring_fwd(), causal, scale)
 
+        # the simulated ring must compute the same attention as the monolithic call
+        ring_out = zigzag_unshard([out for out, _ in ring_fwd()])
+        out_diff = (ring_out.float() - mono_fwd()[0].float()).abs().max().item()
         for pass_name, flops, mono, ring in (
             ("fwd", forward_flops, mono_fwd, ring_fwd),
             ("fwd+bwd", 3.5 * forward_flops, mono_fwd_bwd, ring_fwd_bwd),
@@ -142,6 +150,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 "causal": causal, "pass": pass_name, "monolithic_ms": mono_s * 1e3,
                 "ring_ms": ring_s * 1e3, "monolithic_tflops": flops / mono_s / 1e12,
                 "ring_tflops": flops / ring_s / 1e12, "efficiency": mono_s / ring_s,
+                "out_max_abs_diff": out_diff,
             })
     return dict(
         machine=_machine(args.device), torch=torch.__version__, dtype=args.dtype,
@@ -168,12 +177,12 @@ def main() -> None:
           f"R={args.ring_size} b={args.batch} h={args.heads} d={args.head_dim} | "
           f"median of {args.iters} interleaved runs after {args.warmup} warm-up")
     print(f"{'mask':8} {'pass':8} {'mono ms':>10} {'ring ms':>10} {'mono TF/s':>10} "
-          f"{'ring TF/s':>10} {'ring/mono':>9}")
+          f"{'ring TF/s':>10} {'ring/mono':>9} {'max |out diff|':>14}")
     for row in report["results"]:
         print(f"{'causal' if row['causal'] else 'full':8} {row['pass']:8} "
               f"{row['monolithic_ms']:10.2f} {row['ring_ms']:10.2f} "
               f"{row['monolithic_tflops']:10.4f} {row['ring_tflops']:10.4f} "
-              f"{row['efficiency']:9.3f}")
+              f"{row['efficiency']:9.3f} {row['out_max_abs_diff']:14.1e}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

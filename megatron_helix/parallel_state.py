@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
@@ -33,6 +34,7 @@ class _HelixGroups:
 
 
 _GROUPS: Optional[_HelixGroups] = None
+_DROPOUT_GENERATOR: Optional[torch.Generator] = None
 
 
 def initialize_helix(
@@ -146,8 +148,6 @@ def destroy_helix() -> None:
     _DROPOUT_GENERATOR = None
 
 
-_DROPOUT_GENERATOR: Optional["torch.Generator"] = None
-
 
 def helix_manual_seed(seed: int) -> None:
     """Seed the attention-dropout stream shared by the ranks of one slice group.
@@ -156,8 +156,6 @@ def helix_manual_seed(seed: int) -> None:
     probability matrix, so they must draw the same dropout mask; different head groups draw
     different ones. Call it where Megatron's ``model_parallel_cuda_manual_seed`` is called.
     """
-    import torch
-
     global _DROPOUT_GENERATOR
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device)
@@ -165,7 +163,7 @@ def helix_manual_seed(seed: int) -> None:
     _DROPOUT_GENERATOR = generator
 
 
-def get_helix_dropout_generator() -> "torch.Generator":
+def get_helix_dropout_generator() -> torch.Generator:
     if _DROPOUT_GENERATOR is None:
         raise RuntimeError(
             "attention dropout with the helix score all-reduce strategy needs a seed shared by "

@@ -8,9 +8,6 @@ input gradient and every weight gradient must match in fp32.
 
 from __future__ import annotations
 
-import itertools
-
-import pytest
 import torch
 
 from tests.distributed import run_distributed

@@ -17,9 +17,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -30,6 +28,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
 from megatron_helix.attention.ring_attention import ring_attention
+from megatron_helix.attention.sdpa import sdpa_attention
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _MASKED = (AttnMaskType.padding, AttnMaskType.padding_causal, AttnMaskType.arbitrary)
@@ -146,22 +145,9 @@ class RingDotProductAttention(MegatronModule):
         dropout_p: float,
     ) -> Tensor:
         """One rank, with a mask ``[b, 1, sq, sk]`` (True = masked out) or dropout: torch SDPA."""
-        allowed = None
-        if mask is not None:
-            allowed = ~mask
-            if causal:
-                allowed = allowed & torch.ones(
-                    query.shape[0], key.shape[0], dtype=torch.bool, device=query.device
-                ).tril()
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         # Megatron's DotProductAttention draws dropout from the model-parallel RNG unless
         # sequence parallel is on; the tracker is only touched when there is dropout.
         forked = dropout_p > 0 and not self.config.sequence_parallel
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if forked else nullcontext()
         with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p,
-                is_causal=causal and allowed is None, scale=self.softmax_scale,
-                enable_gqa=True,
-            )
-        return out.permute(2, 0, 1, 3)
+            return sdpa_attention(query, key, value, causal, self.softmax_scale, mask, dropout_p)

@@ -81,11 +81,11 @@ def zigzag_block(rank: int, source: int, local_len: int, causal: bool) -> Zigzag
     ``local_len = 2c`` positions.
 
     Without a mask: all of it (the key shard may then have another length). Causal, own keys:
-    the diagonal block. Causal, ``source < rank``: the source's early chunk precedes both of my chunks and its late
-    chunk follows both, so all my queries see exactly its first half. ``source > rank``: my
-    early chunk precedes both of its chunks, while my late chunk follows both, so only my second
-    half of queries attends, to its whole shard. Either way ``c x 2c`` pairs, all visible: every
-    rank does the same work at every step.
+    the diagonal block. Causal, ``source < rank``: the source's early chunk precedes both of my
+    chunks and its late chunk follows both, so all my queries see exactly its first half.
+    ``source > rank``: my early chunk precedes both of its chunks, while my late chunk follows
+    both, so only my second half of queries attends, to its whole shard. Either way ``c x 2c``
+    pairs, all visible: every rank does the same work at every step.
     """
     everything = slice(None)
     if not causal or source == rank:
