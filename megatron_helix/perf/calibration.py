@@ -1,0 +1,245 @@
+"""Achieved rates of the machine at hand, measured, and of GPUs, assumed from datasheets.
+
+A ``Calibration`` is what the cost model needs to turn work into time:
+
+- ``gemm``: achieved FLOP/s by GEMM shape ``(m, n, k)`` (a table; a query takes the nearest
+  measured shape in log space) — on a GPU instead a roofline of peak FLOP/s and HBM bandwidth,
+  each with an achieved fraction;
+- ``attention``: achieved FLOP/s of each attention kernel the plugin runs
+  (``ATTENTION_KERNELS``), forward and backward, by shape;
+- ``elementwise``: bytes/s of memory-bound element-wise kernels (norms, activations, softmax);
+- ``links``: an alpha-beta model per link class and collective: ``alpha`` seconds per
+  algorithm step, ``beta`` bytes/s of what a rank *sends* (``comm_formulas``' definitions, so
+  ``beta`` is NCCL's "bus bandwidth");
+- ``overheads``: fixed seconds per layer pass (forward or backward: framework dispatch,
+  kernel launches) and per training step.
+
+CPU entries are measured (``cpu_calibration``: kernels on one thread, as the trainer's ranks
+run; ``collective_bench``: collectives on real gloo ranks). GPU entries (``gpu_calibration``)
+are NOT measurements: datasheet peaks times assumed achieved fractions, stated below, until a
+GPU run replaces them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+# flash: torch's flash kernel (ring blocks); unfused: Megatron's DotProductAttention;
+# score_allreduce / redistribute: the helix strategies' local compute on one rank.
+ATTENTION_KERNELS = ("flash", "unfused", "score_allreduce", "redistribute")
+
+
+def flash_attention_flops(batch_heads: int, seq_q: int, seq_kv: int, head_dim: int,
+                          causal: bool, backward: bool) -> float:
+    """FLOPs of flash attention as computed: ``4 sq sk d`` per head forward (QK^T and PV),
+    half of it under a causal mask; backward 2.5x forward (recomputed scores, dP, and the
+    dq, dk, dv products)."""
+    forward = 4.0 * batch_heads * seq_q * seq_kv * head_dim * (0.5 if causal else 1.0)
+    return forward * (2.5 if backward else 1.0)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Alpha-beta cost of one collective on one link class: ``steps * alpha + sent / beta``."""
+
+    alpha: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta <= 0:
+            raise ValueError(f"link needs alpha >= 0 and beta > 0, got {self.alpha}, {self.beta}")
+
+    def seconds(self, sent_bytes: float, steps: int) -> float:
+        return steps * self.alpha + sent_bytes / self.beta
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A GPU kernel class: ``max(flops / (peak * efficiency), bytes / (bandwidth * bw_eff))``."""
+
+    peak_flops: float
+    efficiency: float
+    bandwidth: float
+    bandwidth_efficiency: float
+
+    def seconds(self, flops: float, moved_bytes: float) -> float:
+        return max(flops / (self.peak_flops * self.efficiency),
+                   moved_bytes / (self.bandwidth * self.bandwidth_efficiency))
+
+
+@dataclass(frozen=True)
+class ShapeRate:
+    """A measured GEMM rate: ``shape`` ``(m, n, k)``, FLOP/s."""
+
+    shape: Tuple[int, ...]
+    flops_per_s: float
+
+
+@dataclass(frozen=True)
+class AttentionRate:
+    """A measured attention kernel at ``shape`` ``(batch x heads, seq, head_dim)``: FLOP/s
+    forward and backward, FLOPs counted as causal flash attention would compute them
+    (``flash_attention_flops``) whatever the kernel does, so kernels compare directly."""
+
+    shape: Tuple[int, ...]
+    forward: float
+    backward: float
+
+
+def _nearest(table: Sequence, shape: Tuple[int, ...]):
+    """The entry whose shape is nearest ``shape`` in log space."""
+    def distance(entry) -> float:
+        return sum((math.log(max(a, 1)) - math.log(max(b, 1))) ** 2
+                   for a, b in zip(entry.shape, shape))
+    return min(table, key=distance)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Rates of one device kind; see the module docstring. ``source`` says measured or assumed.
+
+    ``parallel_capacity``: how many ranks' worth of compute one machine runs at once when its
+    cores are shared by all ranks (a CPU; measured), 0 for one device per rank (a GPU).
+    ``overlap``: whether communication posted asynchronously proceeds while the device
+    computes (GPUs: copy engines / NCCL kernels; CPU gloo: the same cores do both, so no).
+    """
+
+    name: str
+    source: str
+    dtype: str
+    gemm_table: Tuple[ShapeRate, ...] = ()
+    attention_tables: Dict[str, Tuple[AttentionRate, ...]] = field(default_factory=dict)
+    gemm_roofline: Optional[Roofline] = None
+    attention_rooflines: Dict[str, Roofline] = field(default_factory=dict)
+    elementwise_bytes_per_s: float = 1e12
+    links: Dict[str, Dict[str, Link]] = field(default_factory=dict)
+    layer_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    parallel_capacity: float = 0.0
+    overlap: bool = True
+    memory_bytes: int = 0
+    notes: str = ""
+
+    def gemm_seconds(self, m: int, n: int, k: int, element_bytes: int) -> float:
+        flops = 2.0 * m * n * k
+        if self.gemm_roofline is not None:
+            return self.gemm_roofline.seconds(flops, (m * k + k * n + m * n) * element_bytes)
+        return flops / _nearest(self.gemm_table, (m, n, k)).flops_per_s
+
+    def attention_seconds(self, kernel: str, flops: float, shape: Tuple[int, int, int],
+                          moved_bytes: float, backward: bool) -> float:
+        """Time of attention ``kernel`` (``ATTENTION_KERNELS``) doing ``flops`` (causal-flash
+        convention) at ``shape`` ``(batch x heads, seq, head_dim)``."""
+        if kernel in self.attention_rooflines:
+            return self.attention_rooflines[kernel].seconds(flops, moved_bytes)
+        if kernel not in self.attention_tables:
+            raise KeyError(f"calibration {self.name!r} has no attention kernel {kernel!r}")
+        rate = _nearest(self.attention_tables[kernel], shape)
+        return flops / (rate.backward if backward else rate.forward)
+
+    def elementwise_seconds(self, moved_bytes: float) -> float:
+        return moved_bytes / self.elementwise_bytes_per_s
+
+    def link(self, collective: str, group_size: int, spans_nodes: bool) -> Link:
+        """The link a ``group_size`` group uses: GPUs by link class (NVLink inside a node,
+        InfiniBand across), gloo by the measured group size nearest ``group_size``."""
+        if "nvlink" in self.links:
+            link_class = "infiniband" if spans_nodes else "nvlink"
+        else:
+            sizes = {int(name[len("gloo"):]): name for name in self.links}
+            if not sizes:
+                raise KeyError(f"calibration {self.name!r} has no links")
+            link_class = sizes[min(sizes, key=lambda size: abs(size - group_size))]
+        return self.links[link_class][collective]
+
+    # ---------------------------------------------------------------- (de)serialization
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["links"] = {c: {op: asdict(l) for op, l in ops.items()} for c, ops in self.links.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        data = dict(data)
+        data["gemm_table"] = tuple(ShapeRate(tuple(e["shape"]), e["flops_per_s"])
+                                   for e in data.get("gemm_table", ()))
+        data["attention_tables"] = {
+            kernel: tuple(AttentionRate(tuple(e["shape"]), e["forward"], e["backward"])
+                          for e in entries)
+            for kernel, entries in data.get("attention_tables", {}).items()}
+        if data.get("gemm_roofline"):
+            data["gemm_roofline"] = Roofline(**data["gemm_roofline"])
+        data["attention_rooflines"] = {kernel: Roofline(**r) for kernel, r in
+                                       data.get("attention_rooflines", {}).items()}
+        data["links"] = {c: {op: Link(**l) for op, l in ops.items()}
+                         for c, ops in data.get("links", {}).items()}
+        return cls(**data)
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(json.load(f))
+
+
+# ------------------------------------------------------------------------ GPU assumptions
+
+GPU_SPECS = {  # datasheet figures (SXM parts): dense peak FLOP/s, HBM bytes/s and bytes
+    "h100": dict(peak_flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "fp32": 67e12},
+                 hbm_bytes_per_s=3.35e12, memory_bytes=80 * 10**9),
+    "h200": dict(peak_flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "fp32": 67e12},
+                 hbm_bytes_per_s=4.8e12, memory_bytes=141 * 10**9),
+}
+# Achieved fractions and links: assumptions, not measurements (see docs/PERFORMANCE.md).
+GEMM_EFFICIENCY = 0.70  # large dense GEMMs (cuBLAS on H100 reaches ~65-75% of dense peak)
+ATTENTION_EFFICIENCY = 0.45  # FlashAttention-2-class kernels on Hopper, forward + backward
+FP32_GEMM_EFFICIENCY = 0.70  # of the fp32 (non-tensor-core) peak: torch keeps TF32 off
+BANDWIDTH_EFFICIENCY = 0.80  # memory-bound kernels against the HBM peak
+NVLINK = Link(alpha=5e-6, beta=370e9)  # ring collectives on 8 x H100 (NCCL bus bandwidth)
+NVLINK_NVLS = Link(alpha=5e-6, beta=480e9)  # all-reduce with NVLink SHARP
+INFINIBAND = Link(alpha=10e-6, beta=45e9)  # per GPU across nodes (NDR 400 Gb/s)
+GPU_LAYER_OVERHEAD_S = 50e-6  # launches per layer pass left exposed (no CUDA graphs)
+
+
+def gpu_calibration(gpu: str, dtype: str = "bf16") -> Calibration:
+    """Datasheet-derived rates for one GPU kind: ASSUMPTIONS, not measurements.
+
+    The score all-reduce computes its partial scores in fp32 (exactness across slices), so its
+    GEMMs run at the fp32 peak; the other kernels at the ``dtype`` peak.
+    """
+    if gpu not in GPU_SPECS:
+        raise ValueError(f"gpu {gpu!r} not in {tuple(GPU_SPECS)}")
+    spec = GPU_SPECS[gpu]
+    if dtype not in spec["peak_flops"]:
+        raise ValueError(f"dtype {dtype!r} not in {tuple(spec['peak_flops'])}")
+    peak, hbm = spec["peak_flops"][dtype], spec["hbm_bytes_per_s"]
+    attention = Roofline(peak, ATTENTION_EFFICIENCY, hbm, BANDWIDTH_EFFICIENCY)
+    nvlink = {op: NVLINK for op in COLLECTIVES}
+    nvlink["all_reduce"] = NVLINK_NVLS
+    return Calibration(
+        name=gpu, source="assumed (datasheet peaks x assumed achieved fractions)", dtype=dtype,
+        gemm_roofline=Roofline(peak, GEMM_EFFICIENCY, hbm, BANDWIDTH_EFFICIENCY),
+        attention_rooflines={
+            "flash": attention, "redistribute": attention,
+            "unfused": Roofline(peak, GEMM_EFFICIENCY, hbm, BANDWIDTH_EFFICIENCY),
+            "score_allreduce": Roofline(spec["peak_flops"]["fp32"], FP32_GEMM_EFFICIENCY, hbm,
+                                        BANDWIDTH_EFFICIENCY),
+        },
+        elementwise_bytes_per_s=hbm * BANDWIDTH_EFFICIENCY,
+        links={"nvlink": nvlink, "infiniband": {op: INFINIBAND for op in COLLECTIVES}},
+        layer_overhead_s=GPU_LAYER_OVERHEAD_S, parallel_capacity=0.0, overlap=True,
+        memory_bytes=spec["memory_bytes"],
+        notes=f"{gpu.upper()} {dtype}: dense peak {peak / 1e12:.0f} TFLOP/s, HBM "
+              f"{hbm / 1e12:.2f} TB/s; GEMM {GEMM_EFFICIENCY:.0%}, attention "
+              f"{ATTENTION_EFFICIENCY:.0%} of peak; NVLink {NVLINK.beta / 1e9:.0f} GB/s ring "
+              f"({NVLINK_NVLS.beta / 1e9:.0f} NVLS all-reduce), InfiniBand "
+              f"{INFINIBAND.beta / 1e9:.0f} GB/s per GPU",
+    )
