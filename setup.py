@@ -23,8 +23,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib"],
         "plot": ["matplotlib"],
         # transformer-engine and apex are used when importable; they are never required.
     },
+    entry_points={"console_scripts": ["megatron-helix=megatron_helix.cli:main"]},
 )

@@ -11,8 +11,9 @@ A ``Calibration`` is what the cost model needs to turn work into time:
 - ``links``: an alpha-beta model per link class and collective: ``alpha`` seconds per
   algorithm step, ``beta`` bytes/s of what a rank *sends* (``comm_formulas``' definitions, so
   ``beta`` is NCCL's "bus bandwidth");
-- ``overheads``: fixed seconds per layer pass (forward or backward: framework dispatch,
-  kernel launches) and per training step.
+- ``layer_overhead_s``: fixed seconds per layer pass (forward or backward: framework
+  dispatch, kernel launches);
+- ``parallel_capacity``: on a CPU, how many ranks' worth of compute the shared cores deliver.
 
 CPU entries are measured (``cpu_calibration``: kernels on one thread, as the trainer's ranks
 run; ``collective_bench``: collectives on real gloo ranks). GPU entries (``gpu_calibration``)
@@ -44,17 +45,20 @@ def flash_attention_flops(batch_heads: int, seq_q: int, seq_kv: int, head_dim: i
 
 @dataclass(frozen=True)
 class Link:
-    """Alpha-beta cost of one collective on one link class: ``steps * alpha + sent / beta``."""
+    """Alpha-beta cost of one collective on one link class: ``steps * alpha + sent / beta``
+    seconds, plus ``sync`` seconds per call when the ranks compute between calls on cores they
+    share (a rank that arrives must wait for its peers to be scheduled; 0 on GPUs)."""
 
     alpha: float
     beta: float
+    sync: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.beta <= 0:
-            raise ValueError(f"link needs alpha >= 0 and beta > 0, got {self.alpha}, {self.beta}")
+        if self.alpha < 0 or self.beta <= 0 or self.sync < 0:
+            raise ValueError(f"link needs alpha, sync >= 0 and beta > 0: {self}")
 
-    def seconds(self, sent_bytes: float, steps: int) -> float:
-        return steps * self.alpha + sent_bytes / self.beta
+    def seconds(self, sent_bytes: float, steps: int, calls: int = 1) -> float:
+        return calls * (steps * self.alpha + self.sync) + sent_bytes / self.beta
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,6 @@ class Calibration:
     elementwise_bytes_per_s: float = 1e12
     links: Dict[str, Dict[str, Link]] = field(default_factory=dict)
     layer_overhead_s: float = 0.0
-    step_overhead_s: float = 0.0
     parallel_capacity: float = 0.0
     overlap: bool = True
     memory_bytes: int = 0

@@ -9,7 +9,8 @@ rank (a collective ends when its last rank does).
 Fit: ``seconds = steps * alpha + sent / beta`` by least squares over message sizes, with
 ``sent`` the bytes a rank sends under ``comm_formulas``' definitions and ``steps`` the
 algorithm's sequential steps (ring all-reduce ``2 (m-1)``, all-gather, reduce-scatter and
-all-to-all ``m - 1``, a ring shift 1).
+all-to-all ``m - 1``, a ring shift 1). Each group also gets its ``sync`` cost
+(``measure_sync``), the same for every collective on it.
 """
 
 from __future__ import annotations
@@ -65,27 +66,55 @@ def _collective(op: str, n_bytes: int, group, m: int) -> Tuple[Callable[[], None
     return shift, n_bytes, 1
 
 
+def _slowest(seconds: float) -> float:
+    elapsed = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
 def _time(call: Callable[[], None], repeats: int) -> float:
+    """Median wall seconds per call of the slowest rank, all ranks starting together."""
     call()
     samples = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         call()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        samples.append(elapsed.item())
+        samples.append(_slowest(time.perf_counter() - start))
     return statistics.median(samples)
 
 
-def fit_link(points: List[Tuple[int, int, float]]) -> Link:
-    """``seconds = steps * alpha + sent / beta`` over ``(sent, steps, seconds)`` points,
-    least squares in *relative* error so small and large messages weigh alike."""
-    y = torch.tensor([seconds for _, _, seconds in points], dtype=torch.float64)
+def fit_link(points: List[Tuple[int, int, float]], sync: float = 0.0) -> Link:
+    """``seconds = steps * alpha + sent / beta`` over ``(sent, steps, seconds)`` points, least
+    squares in *relative* error so small and large messages weigh alike."""
+    y = torch.tensor([max(seconds, 1e-7) for _, _, seconds in points], dtype=torch.float64)
     a = torch.tensor([[steps, sent] for sent, steps, _ in points], dtype=torch.float64)
     a, ones = a / y.unsqueeze(1), torch.ones_like(y).unsqueeze(1)
     alpha, inv_beta = torch.linalg.lstsq(a, ones).solution.squeeze(1).tolist()
-    return Link(alpha=max(alpha, 0.0), beta=1.0 / max(inv_beta, 1e-15))
+    return Link(alpha=max(alpha, 0.0), beta=1.0 / max(inv_beta, 1e-15), sync=sync)
+
+
+def measure_sync(group, calls: int = 100) -> float:
+    """Extra wall seconds a call costs when every rank computes between calls: a loop of
+    ~1 ms of GEMMs with and without a 4-byte all-reduce, minus the all-reduce's own time.
+    On cores shared by more ranks than they hold, a rank reaching the collective waits for
+    its peers to be scheduled again; that wait is what this measures."""
+    a, x = torch.randn(192, 192), torch.ones(1)
+
+    def loop(with_call: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            for _ in range(8):
+                a @ a
+            if with_call:
+                dist.all_reduce(x, group=group)
+        return _slowest(time.perf_counter() - start)
+
+    loop(True)
+    compute, combined = loop(False), loop(True)
+    alone = _time(lambda: dist.all_reduce(x, group=group), 21)
+    return max(0.0, (combined - compute) / calls - alone)
 
 
 def measure(repeats: int = 9) -> Dict[str, Dict[str, Link]]:
@@ -98,13 +127,14 @@ def measure(repeats: int = 9) -> Dict[str, Dict[str, Link]]:
         groups["gloo2"] = (pairs[dist.get_rank() // 2], 2)
     links: Dict[str, Dict[str, Link]] = {}
     for name, (group, m) in groups.items():
+        sync = measure_sync(group)
         links[name] = {}
         for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"):
             points = []
             for size in SIZES:
                 call, sent, steps = _collective(op, size, group, m)
                 points.append((sent, steps, _time(call, repeats)))
-            links[name][op] = fit_link(points)
+            links[name][op] = fit_link(points, sync)
     return links
 
 

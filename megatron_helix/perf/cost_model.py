@@ -61,13 +61,17 @@ from megatron_helix.perf.work import (
 
 @dataclass(frozen=True)
 class Job:
-    """A training workload: model, sequence, batch sizes (Megatron's names) and dtype."""
+    """A training workload: model, sequence, batch sizes (Megatron's names), dtype, and
+    whether Adam's state is sharded over data x context parallel ranks (Megatron's
+    ``--use-distributed-optimizer``; the gradient all-reduce becomes a reduce-scatter plus a
+    parameter all-gather, the same bytes)."""
 
     model: ModelShape
     seq_length: int
     micro_batch: int
     global_batch: int
     dtype: str = "bf16"
+    distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}"
@@ -139,7 +143,7 @@ class _Pricer:
     def comm(self, op: CommOp) -> float:
         size, span = _group_placement(self.layout, op.group)
         link = self.cal.link(op.collective, size, span > self.cluster.ranks_per_node)
-        return op.calls * op.steps * link.alpha + op.sent / link.beta
+        return link.seconds(op.sent, op.steps, op.calls)
 
     def compute(self, work: PassWork) -> Tuple[float, float]:
         """``(seconds outside attention, seconds of attention kernels)``."""
@@ -224,15 +228,16 @@ def predict(job: Job, layout: ParallelLayout, cluster: Cluster,
     forward, _, _ = _combine(forward_only, micro, layout, cal, cluster.world_size)
 
     params = max(stage_parameters(job.model, layout, s) for s in range(layout.pp))
-    mixed = job.dtype != "fp32"
-    update = cal.elementwise_seconds(optimizer_bytes(params, job.precision.param_bytes, mixed))
+    updated = params // (layout.dp * layout.cp) if job.distributed_optimizer else params
+    update = cal.elementwise_seconds(
+        optimizer_bytes(updated, job.precision.param_bytes, mixed_precision=job.dtype != "fp32"))
     if cal.parallel_capacity:
         update *= cluster.world_size / cal.parallel_capacity
-    step += update + cal.step_overhead_s + sum(
-        pricer.comm(op) for op in _step_comms(layout, params))
+    step += update + sum(pricer.comm(op) for op in _step_comms(layout, params))
 
     memory = training_memory(job.model, layout, job.micro_batch, job.seq_length, micro,
-                             job.precision, kernels=kernels)
+                             job.precision, distributed_optimizer=job.distributed_optimizer,
+                             kernels=kernels)
     tokens = job.global_batch * job.seq_length
     return Prediction(
         layout=layout, step_s=step, compute_s=compute, comm_s=comm,

@@ -7,11 +7,7 @@
   (on a one-rank group, so no communication is timed);
 - element-wise kernels (norm, GELU, add; bytes/s);
 - Megatron's framework overhead per layer pass: a ``TransformerLayer`` of hidden size 16,
-  whose arithmetic is negligible;
-- how many ranks' worth of compute the machine runs at once (``parallel_capacity``): the
-  summed throughput of ``world`` concurrent processes running a transformer-layer-shaped
-  workload over one process's. Shared caches and memory bandwidth make it less than the core
-  count (and a VM's "cores" may not add up either).
+  whose arithmetic is negligible.
 
 Megatron modules need ``torch.distributed``: a one-rank gloo group is created (and removed)
 when none exists.
@@ -20,7 +16,6 @@ when none exists.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import platform
 import statistics
@@ -200,61 +195,9 @@ def measure_layer_overhead() -> float:
         return median_seconds(step, repeats=31, warmup=5) / 2
 
 
-# ---------------------------------------------------------------------- parallel capacity
-
-
-def _layer_like_steps(seconds: float, results) -> None:
-    """Forward + backward of a transformer-layer-shaped torch workload (GEMMs, an unfused
-    causal soft-max attention, norms, GELU, residuals) for ``seconds``; puts steps/s."""
-    import torch.nn.functional as F
-
-    torch.set_num_threads(1)
-    tokens, hidden, heads = 512, 256, 8
-    x = torch.randn(tokens, hidden, requires_grad=True)
-    w_qkv, w_proj = torch.randn(3 * hidden, hidden) * 0.05, torch.randn(hidden, hidden) * 0.05
-    w_fc1, w_fc2 = torch.randn(4 * hidden, hidden) * 0.05, torch.randn(hidden, 4 * hidden) * 0.05
-    for w in (w_qkv, w_proj, w_fc1, w_fc2):
-        w.requires_grad_()
-    mask = torch.ones(tokens, tokens, dtype=torch.bool).triu(1)
-
-    def step():
-        q, k, v = F.linear(F.layer_norm(x, (hidden,)), w_qkv).view(tokens, 3, heads, -1).unbind(1)
-        scores = torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)).masked_fill(mask, -1e4)
-        context = torch.bmm(torch.softmax(scores, -1), v.transpose(0, 1))
-        h = x + F.linear(context.transpose(0, 1).reshape(tokens, hidden), w_proj)
-        out = h + F.linear(F.gelu(F.linear(F.layer_norm(h, (hidden,)), w_fc1)), w_fc2)
-        out.sum().backward()
-
-    for _ in range(3):
-        step()
-    start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step()
-        count += 1
-    results.put(count / (time.perf_counter() - start))
-
-
-def measure_parallel_capacity(processes: int, seconds: float = 3.0) -> float:
-    """Summed throughput of ``processes`` concurrent single-thread processes running a
-    transformer-layer-shaped workload, over one process's: what the machine delivers when all
-    ranks compute at once (shared caches and memory bandwidth included, unlike pure GEMMs)."""
-    context = multiprocessing.get_context("spawn")
-    rates = []
-    for count in (1, processes):
-        results = context.Queue()
-        workers = [context.Process(target=_layer_like_steps, args=(seconds, results))
-                   for _ in range(count)]
-        for worker in workers:
-            worker.start()
-        rates.append(sum(results.get() for _ in workers))
-        for worker in workers:
-            worker.join()
-    return rates[1] / rates[0]
-
-
-def measure_cpu(world_size: int) -> Calibration:
-    """This CPU's compute rates, one thread as each of ``world_size`` trainer ranks runs
-    (links come from ``collective_bench``)."""
+def measure_cpu() -> Calibration:
+    """This CPU's compute rates on one thread, as each trainer rank runs (the links and the
+    parallel capacity are measured on several ranks: ``bench.calibrate``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -263,8 +206,7 @@ def measure_cpu(world_size: int) -> Calibration:
             source="measured (1 thread per rank)", dtype="fp32",
             gemm_table=measure_gemm_table(), attention_tables=measure_attention_tables(),
             elementwise_bytes_per_s=measure_elementwise(),
-            layer_overhead_s=measure_layer_overhead(),
-            parallel_capacity=measure_parallel_capacity(world_size), overlap=False,
+            layer_overhead_s=measure_layer_overhead(), overlap=False,
         )
     finally:
         torch.set_num_threads(threads)

@@ -62,10 +62,12 @@ class ParallelLayout:
 
     @property
     def label(self) -> str:
-        """``TP=8 x PP=2``, ``helix 4x4 redistribute``, ``ring R=16``, ``layer-wise PP=16``..."""
+        """``TP=8 x PP=2``, ``helix 4x4 redistribute``, ``ring R=16``, ``layer-wise PP=16``...
+        (under a ring, helix trades slices for whole heads: no score strategy)"""
         parts = []
         if self.is_helix:
-            parts.append(f"helix {self.helix_m}x{self.helix_n} {self.score_strategy}")
+            strategy = f" {self.score_strategy}" if self.cp == 1 else ""
+            parts.append(f"helix {self.helix_m}x{self.helix_n}{strategy}")
         elif self.tp > 1:
             parts.append(f"TP={self.tp}" + ("+SP" if self.sequence_parallel else ""))
         if self.cp > 1:
@@ -98,11 +100,21 @@ class ParallelLayout:
         return problems
 
 
+def standard_layout(model: ModelShape, tp: int = 1, pp: int = 1, cp: int = 1, dp: int = 1,
+                    helix_m: int = 1, score_strategy: str = "redistribute") -> ParallelLayout:
+    """A layout as the planner runs it: sequence parallelism whenever TP > 1 (Megatron's
+    recommended setting; MoE needs it), and ``layerwise`` for the seeds' one layer per device
+    (pipeline stages = layers = devices)."""
+    world = tp * pp * cp * dp
+    return ParallelLayout(tp=tp, pp=pp, cp=cp, dp=dp, helix_m=helix_m, sequence_parallel=tp > 1,
+                          score_strategy=score_strategy,
+                          layerwise=pp == model.num_layers == world and pp > 1)
+
+
 def candidate_layouts(model: ModelShape, world_size: int, seq_length: int, global_batch: int,
                       micro_batch: int) -> Iterator[ParallelLayout]:
-    """Every legal layout of ``world_size`` ranks: TP or helix (each score strategy) x PP x
-    ring x DP, sequence parallelism on whenever TP > 1 (Megatron's recommended setting; MoE
-    needs it), and the one-layer-per-stage layer-wise pipeline as its own labelled entry."""
+    """Every legal ``standard_layout`` of ``world_size`` ranks: TP or helix (each score
+    strategy) x PP x ring x DP."""
     divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
     for tp in divisors:
         for pp in divisors:
@@ -111,12 +123,10 @@ def candidate_layouts(model: ModelShape, world_size: int, seq_length: int, globa
                     continue
                 dp = world_size // (tp * pp * cp)
                 for m in (k for k in divisors if tp % k == 0):
-                    strategies = SCORE_STRATEGIES if m > 1 else ("redistribute",)
+                    # the score strategy matters only without a ring (which attends whole heads)
+                    strategies = SCORE_STRATEGIES if m > 1 and cp == 1 else ("redistribute",)
                     for strategy in strategies:
-                        layout = ParallelLayout(
-                            tp=tp, pp=pp, cp=cp, dp=dp, helix_m=m, sequence_parallel=tp > 1,
-                            score_strategy=strategy,
-                            layerwise=pp == model.num_layers and pp > 1,
-                        )
+                        layout = standard_layout(model, tp=tp, pp=pp, cp=cp, dp=dp, helix_m=m,
+                                                 score_strategy=strategy)
                         if not layout.errors(model, seq_length, global_batch, micro_batch):
                             yield layout

@@ -16,18 +16,18 @@ are the full widths ``/ t``: ``q = H d / t``, ``kv = G d / t``):
 - norms and residuals: the layer input, both norm outputs, the attention residual
   (``4 T_n D e``) and the norm statistics (fp32, two per token for LayerNorm, one for RMSNorm);
 - MLP: the fc1 output and the activation output, ``T (F1 + F) / t e`` (``F1 = 2F`` gated);
-- attention, by implementation (``ATTENTION_KINDS``):
+- attention, by kernel (``calibration.ATTENTION_KERNELS``):
   ``unfused`` (Megatron's local ``DotProductAttention``): q, k and v expanded to the query
   heads (GQA; without GQA q and the fused QKV output that k and v view), the softmax
   ``b (H/t) s^2 e``, the context; plus one shared ``s x s`` bool mask;
   ``flash`` (ring attention, TE / flash kernels): q, the fused QKV output that k and v view,
   the output (the projection's input) and the fp32 LSE;
-  ``helix_allreduce``: like ``flash`` with the LSE of ``H/n`` heads over all tokens;
-  ``helix_redistribute``: q on ``s/m`` tokens, k and v gathered to full ``d``
+  ``score_allreduce`` (helix): like ``flash`` with the LSE of ``H/n`` heads over all tokens;
+  ``redistribute`` (helix): q on ``s/m`` tokens, k and v gathered to full ``d``
   (``2 T G d / n``), the output before and after the return all-to-all, the LSE.
 - RoPE: Megatron's unfused kernel (the local spec) saves cos and sin for q and for k,
   ``4 (s/R) d' e`` per layer (``d' = d / m`` under helix), and writes a rotated k that
-  ``flash`` (without helix) and ``helix_allreduce`` keep; fused kernels keep only the shared
+  ``flash`` (without helix) and ``score_allreduce`` keep; fused kernels keep only the shared
   frequencies;
 - the last stage adds the final norm and the fp32 softmax of the vocabulary-parallel cross
   entropy (``T V / t x 4``).
@@ -44,11 +44,12 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from megatron_helix.layerwise import ModelShape
+from megatron_helix.perf.calibration import ATTENTION_KERNELS
 from megatron_helix.perf.layouts import ParallelLayout
 
 FP32 = 4
-ATTENTION_KINDS = ("unfused", "flash", "helix_allreduce", "helix_redistribute")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+HELIX_KERNELS = {"allreduce": "score_allreduce", "redistribute": "redistribute"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,8 @@ class MemoryBreakdown:
 class Kernels:
     """Which implementations run, which decides what is saved for backward.
 
-    ``attention``: one of ``ATTENTION_KINDS``, or None for what the plugin runs on a GPU for
-    the layout (``flash`` unless helix slices heads without a ring, then the helix strategy).
+    ``attention``: one of ``ATTENTION_KERNELS``, or None for what the plugin runs on a GPU for
+    the layout (``flash`` unless helix slices heads without a ring, then the helix strategy's).
     ``unfused_rope``: Megatron's unfused RoPE (local spec) rather than a fused kernel.
     """
 
@@ -105,38 +106,38 @@ class Kernels:
     unfused_rope: bool = False
 
     def __post_init__(self) -> None:
-        if self.attention is not None and self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention kind {self.attention!r} not in {ATTENTION_KINDS}")
+        if self.attention is not None and self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {self.attention!r} not in {ATTENTION_KERNELS}")
 
     @classmethod
-    def local_spec(cls, layout: "ParallelLayout") -> "Kernels":
+    def local_spec(cls, layout: ParallelLayout) -> "Kernels":
         """The plugin's trainer without Transformer Engine (CPU): Megatron's unfused
         ``DotProductAttention`` unless helix or the ring replace it, unfused RoPE."""
         plain = not layout.is_helix and layout.cp == 1
         return cls(attention="unfused" if plain else None, unfused_rope=True)
 
-    def attention_for(self, layout: "ParallelLayout") -> str:
+    def attention_for(self, layout: ParallelLayout) -> str:
         if self.attention is not None:
             return self.attention
         if layout.is_helix and layout.cp == 1:
-            return f"helix_{layout.score_strategy}"
+            return HELIX_KERNELS[layout.score_strategy]
         return "flash"
 
 
 def stage_layers(model: ModelShape, layout: ParallelLayout, stage: int) -> int:
+    """Decoder layers on ``stage``: Megatron's even split (``layouts`` requires it)."""
     return model.num_layers // layout.pp
 
 
-def stage_parameters(model: ModelShape, layout: ParallelLayout, stage: int,
-                     learned_positions: bool = False, seq_length: int = 0) -> int:
+def stage_parameters(model: ModelShape, layout: ParallelLayout, stage: int) -> int:
     """Parameters one rank of pipeline ``stage`` holds (embedding first, output layer last;
-    an untied output layer, or a tied one on a different stage, is its own tensor)."""
+    an untied output layer, or a tied one on a different stage, is its own tensor; RoPE has
+    no parameters)."""
     t, last = layout.tp, stage == layout.pp - 1
     params = stage_layers(model, layout, stage) * model.layer_params(t)
     if model.vocab_size:
         if stage == 0:
             params += model.embedding_params(t)
-            params += seq_length * model.hidden_size if learned_positions else 0
         if last:
             shared = stage == 0 and not model.untie_embeddings_and_output_weights
             params += model.output_params(t) - (model.embedding_params(t) if shared else 0)
@@ -153,7 +154,7 @@ def _rotated_key_kept(model: ModelShape, layout: ParallelLayout, kind: str) -> b
     output)."""
     if kind == "unfused":
         return model.query_groups == model.num_attention_heads
-    return kind == "helix_allreduce" or (kind == "flash" and not layout.is_helix)
+    return kind == "score_allreduce" or (kind == "flash" and not layout.is_helix)
 
 
 def attention_activation_bytes(model: ModelShape, layout: ParallelLayout, micro_batch: int,
@@ -174,7 +175,7 @@ def attention_activation_bytes(model: ModelShape, layout: ParallelLayout, micro_
         return (3 * q if expanded else q + qkv) + softmax + q + extra
     if kind == "flash":
         return q + qkv + q + tokens * heads * FP32 + extra
-    if kind == "helix_allreduce":
+    if kind == "score_allreduce":
         return q + qkv + q + tokens * (model.num_attention_heads // n) * FP32 + extra
     kv_gathered = 2 * tokens * model.query_groups * model.head_dim // n * e
     return q + kv_gathered + 2 * q + tokens * heads * FP32

@@ -208,14 +208,16 @@ def _ring_attention(x: LayerShape, backward: bool) -> PassWork:
 
 
 def attention_work(x: LayerShape, backward: bool) -> PassWork:
+    """The core attention of one layer: the ring when the sequence is split, else the kernel
+    ``x.kernels`` names for the layout."""
     if x.layout.cp > 1:
         return _ring_attention(x, backward)
-    kind = x.attention
-    if kind == "unfused":
+    kernel = x.attention
+    if kernel == "unfused":
         return _unfused_attention(x, backward)
-    if kind == "helix_allreduce":
+    if kernel == "score_allreduce":
         return _score_allreduce_attention(x, backward)
-    if kind == "helix_redistribute":
+    if kernel == "redistribute":
         return _redistribute_attention(x, backward)
     heads = x.model.num_attention_heads // x.layout.tp
     return PassWork(attention=[_attention(x, "flash", backward, heads, x.seq_length,
