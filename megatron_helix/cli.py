@@ -68,7 +68,7 @@ def _job(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from megatron_helix.perf.cost_model import Cluster, predict
+    from megatron_helix.perf.cost_model import Cluster
     from megatron_helix.perf.planner import (
         PRESETS,
         format_table,
@@ -116,7 +116,7 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"\nlayer-wise cache planner: {layerwise_cache_verdict(m, args.gpus)}")
     if args.chart:
         plot(predictions, args.chart, f"{args.preset or 'workload'} on {args.gpus} x "
-             f"{args.gpu.upper()}")
+             f"{args.gpu.upper()}", highlight=list(references.values()))
         print(f"chart: {args.chart}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -144,8 +144,9 @@ def _bench(args: argparse.Namespace) -> int:
           f"layer overhead {calibration.layer_overhead_s * 1e6:.0f} us/pass, element-wise "
           f"{calibration.elementwise_bytes_per_s / 1e9:.1f} GB/s")
     for group, ops in calibration.links.items():
-        sync = next(iter(ops.values())).sync
-        print(f"  {group} (sync {sync * 1e3:.2f} ms/call): " + ", ".join(
+        sync = ", ".join(f"{extra * 1e3:.2f} ms after {compute * 1e3:.1f} ms compute"
+                         for compute, extra in next(iter(ops.values())).sync)
+        print(f"  {group} (sync per call: {sync or 'none'}): " + ", ".join(
             f"{op} {l.alpha * 1e6:.0f} us/step + {l.beta / 1e9:.2f} GB/s" for op, l in ops.items()))
     report = {"calibration": calibration.to_json()}
     if args.validate:

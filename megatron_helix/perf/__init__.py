@@ -1,10 +1,13 @@
-"""Performance truth: what a layout communicates, stores and costs.
+"""Performance truth: what a layout communicates, stores and costs (docs/PERFORMANCE.md).
 
 - ``comm_counter``: measured bytes per process group and op (wraps ``torch.distributed``).
 - ``comm_formulas``: the same bytes in closed form, per layer and rank.
-- ``memory``: bytes per rank of parameters, gradients, optimizer state, activations and KV
-  cache, by formula and by measurement.
-- ``calibration`` / ``cost_model``: achieved rates of the machine at hand and the time they
-  predict for a layout.
-- ``layouts`` / ``planner``: every legal layout of a cluster and its predicted speed and memory.
+- ``memory``: bytes per rank of parameters, gradients, optimizer state, saved activations and
+  KV cache, by formula and by measurement.
+- ``layouts``: a parallel layout and every legal one; ``work``: what a layer pass computes and
+  communicates.
+- ``calibration`` (rates and links, GPU assumptions), ``cpu_calibration`` and
+  ``collective_bench`` (measured on this machine), ``cost_model`` (work x rates -> time).
+- ``planner``: every legal layout ranked, the seed workloads; ``bench``: calibration and the
+  4-rank CPU validation.
 """

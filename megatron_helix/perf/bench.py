@@ -1,13 +1,14 @@
 """Measured benchmarks: calibrate this CPU, and validate the cost model on 4-rank CPU runs.
 
 ``calibrate`` measures the compute rates (``cpu_calibration``), the gloo links
-(``collective_bench`` under ``torchrun``) and the parallel capacity (``measure_capacity``). ``validate`` trains the validation model under each
-layout with the plugin's trainer (``torchrun``, one thread per rank), takes the median
-``iter_ms`` after the warm-up iterations, and sets it beside the cost model's prediction from
-the calibration. Runs of all layouts are interleaved over ``rounds`` and each layout's
-measurement is the median over rounds, so a burst of foreign load hits one sample, not one
-layout. The machine may be shared: every run waits for it to be idle, measures how much CPU
-other processes took meanwhile, and is repeated when that exceeds 5% (``measure``).
+(``collective_bench`` under ``torchrun``) and the parallel capacity (``measure_capacity``).
+``validate`` trains the validation model under each layout with the plugin's trainer
+(``torchrun``, one thread per rank), takes the median ``iter_ms`` after the warm-up
+iterations, and sets it beside the cost model's prediction from the calibration. Runs of
+all layouts are interleaved over ``rounds`` and each layout's measurement is the median over
+rounds, so a burst of foreign load hits one sample, not one layout. The machine may be
+shared: every run waits for it to be idle, measures how much CPU other processes took
+meanwhile, and is repeated when that exceeds 5% (``measure``).
 """
 
 from __future__ import annotations

@@ -46,19 +46,35 @@ def flash_attention_flops(batch_heads: int, seq_q: int, seq_kv: int, head_dim: i
 @dataclass(frozen=True)
 class Link:
     """Alpha-beta cost of one collective on one link class: ``steps * alpha + sent / beta``
-    seconds, plus ``sync`` seconds per call when the ranks compute between calls on cores they
-    share (a rank that arrives must wait for its peers to be scheduled; 0 on GPUs)."""
+    seconds per call, plus, where ranks share cores (a CPU), the wait for peers that fell out
+    of step while computing: ``sync`` points ``(compute seconds between calls, extra seconds
+    per call)``, interpolated in the compute (empty: none, as on GPUs)."""
 
     alpha: float
     beta: float
-    sync: float = 0.0
+    sync: Tuple[Tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.beta <= 0 or self.sync < 0:
+        if self.alpha < 0 or self.beta <= 0 or any(x < 0 or y < 0 for x, y in self.sync):
             raise ValueError(f"link needs alpha, sync >= 0 and beta > 0: {self}")
+        object.__setattr__(self, "sync", tuple(sorted(tuple(p) for p in self.sync)))
 
-    def seconds(self, sent_bytes: float, steps: int, calls: int = 1) -> float:
-        return calls * (steps * self.alpha + self.sync) + sent_bytes / self.beta
+    def sync_seconds(self, compute_between_calls: float) -> float:
+        """Piecewise-linear in the compute between calls, flat beyond the measured ends."""
+        points = self.sync
+        if not points:
+            return 0.0
+        if compute_between_calls <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if compute_between_calls <= x1:
+                return y0 + (y1 - y0) * (compute_between_calls - x0) / (x1 - x0)
+        return points[-1][1]
+
+    def seconds(self, sent_bytes: float, steps: int, calls: int = 1,
+                compute_between_calls: float = 0.0) -> float:
+        return (calls * (steps * self.alpha + self.sync_seconds(compute_between_calls))
+                + sent_bytes / self.beta)
 
 
 @dataclass(frozen=True)
@@ -163,7 +179,8 @@ class Calibration:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["links"] = {c: {op: asdict(l) for op, l in ops.items()} for c, ops in self.links.items()}
+        data["links"] = {link_class: {op: asdict(link) for op, link in ops.items()}
+                         for link_class, ops in self.links.items()}
         return data
 
     @classmethod

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -33,7 +32,7 @@ from megatron_helix.perf.comm_formulas import (
     reduce_scatter_sent,
 )
 
-SIZES = (2**12, 2**14, 2**16, 2**18, 2**19, 2**20, 2**21, 2**22, 2**23)  # bytes of the per-rank buffer
+SIZES = (2**12, 2**14, 2**16, 2**18, 2**19, 2**20, 2**21, 2**22, 2**23)  # per-rank buffer bytes
 
 
 def _collective(op: str, n_bytes: int, group, m: int) -> Tuple[Callable[[], None], int, int]:
@@ -84,7 +83,8 @@ def _time(call: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples)
 
 
-def fit_link(points: List[Tuple[int, int, float]], sync: float = 0.0) -> Link:
+def fit_link(points: List[Tuple[int, int, float]],
+             sync: Tuple[Tuple[float, float], ...] = ()) -> Link:
     """``seconds = steps * alpha + sent / beta`` over ``(sent, steps, seconds)`` points, least
     squares in *relative* error so small and large messages weigh alike."""
     y = torch.tensor([max(seconds, 1e-7) for _, _, seconds in points], dtype=torch.float64)
@@ -94,27 +94,59 @@ def fit_link(points: List[Tuple[int, int, float]], sync: float = 0.0) -> Link:
     return Link(alpha=max(alpha, 0.0), beta=1.0 / max(inv_beta, 1e-15), sync=sync)
 
 
-def measure_sync(group, calls: int = 100) -> float:
-    """Extra wall seconds a call costs when every rank computes between calls: a loop of
-    ~1 ms of GEMMs with and without a 4-byte all-reduce, minus the all-reduce's own time.
-    On cores shared by more ranks than they hold, a rank reaching the collective waits for
-    its peers to be scheduled again; that wait is what this measures."""
-    a, x = torch.randn(192, 192), torch.ones(1)
+SYNC_CHUNKS = (4, 16, 64)  # GEMMs of 192^3 between calls: ~0.4 to ~6 ms of compute
 
-    def loop(with_call: bool) -> float:
+
+def _uncontended_gemm_seconds(a: torch.Tensor) -> float:
+    """One GEMM's time on this rank while the others wait (no contention)."""
+    seconds = 0.0
+    for rank in range(dist.get_world_size()):
+        dist.barrier()
+        if rank == dist.get_rank():
+            seconds = _time_local(lambda: a @ a)
+    dist.barrier()
+    return seconds
+
+
+def _time_local(call: Callable[[], object], repeats: int = 50) -> float:
+    call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_sync(group, repeats: int = 3) -> Tuple[Tuple[float, float], ...]:
+    """Extra wall seconds a call costs when every rank computes between calls, as a function
+    of that compute: ``((compute seconds between calls, extra seconds per call), ...)``.
+
+    Per ``SYNC_CHUNKS``: a loop of GEMMs with and without a 4-byte all-reduce after each chunk;
+    the extra time per call minus the all-reduce's own time (median of ``repeats``). On cores
+    shared by more ranks than they hold, the ranks fall out of step while they compute and a
+    collective waits for the last one to be scheduled again; longer compute phases drift
+    further apart. The compute is measured uncontended, the unit the cost model uses."""
+    a, x = torch.randn(192, 192), torch.ones(1)
+    gemm = _uncontended_gemm_seconds(a)
+    alone = _time(lambda: dist.all_reduce(x, group=group), 21)
+
+    def loop(chunk: int, calls: int, with_call: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(calls):
-            for _ in range(8):
+            for _ in range(chunk):
                 a @ a
             if with_call:
                 dist.all_reduce(x, group=group)
         return _slowest(time.perf_counter() - start)
 
-    loop(True)
-    compute, combined = loop(False), loop(True)
-    alone = _time(lambda: dist.all_reduce(x, group=group), 21)
-    return max(0.0, (combined - compute) / calls - alone)
+    points = []
+    for chunk in SYNC_CHUNKS:
+        calls = max(20, 800 // chunk)
+        loop(chunk, 5, True)
+        extra = [(loop(chunk, calls, True) - loop(chunk, calls, False)) / calls - alone
+                 for _ in range(repeats)]
+        points.append((chunk * gemm, max(0.0, statistics.median(extra))))
+    return tuple(points)
 
 
 def measure(repeats: int = 9) -> Dict[str, Dict[str, Link]]:

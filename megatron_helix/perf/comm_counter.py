@@ -87,7 +87,8 @@ class _Call:
         """The root's rank in the group, from ``src``/``dst`` (global) or ``group_src``/...."""
         if self.args.get(group_key) is not None:
             return int(self.args[group_key])
-        return dist.get_group_rank(_group_or_world(self.args.get("group")), int(self.args[global_key]))
+        group = _group_or_world(self.args.get("group"))
+        return dist.get_group_rank(group, int(self.args[global_key]))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -420,8 +421,10 @@ class CommCounter:
 
     def table(self) -> str:
         """A readable table, one row per ``(group, ranks, op)``."""
-        lines = [f"{'group':<16} {'ranks':<20} {'op':<24} {'calls':>6} {'sent B':>14} {'recv B':>14}"]
-        for key, t in sorted(self.tallies.items(), key=lambda kv: (kv[0].group, kv[0].ranks, kv[0].op)):
+        lines = [f"{'group':<16} {'ranks':<20} {'op':<24} {'calls':>6} {'sent B':>14} "
+                 f"{'recv B':>14}"]
+        order = sorted(self.tallies.items(), key=lambda kv: (kv[0].group, kv[0].ranks, kv[0].op))
+        for key, t in order:
             ranks = ",".join(map(str, key.ranks))
             lines.append(
                 f"{key.group:<16} {ranks:<20} {key.op:<24} {t.calls:>6} {t.bytes_sent:>14} "

@@ -140,10 +140,10 @@ class _Pricer:
         self.cal, self.cluster, self.layout = cluster.calibration, cluster, layout
         self.element_bytes = element_bytes
 
-    def comm(self, op: CommOp) -> float:
+    def comm(self, op: CommOp, compute_between_calls: float = 0.0) -> float:
         size, span = _group_placement(self.layout, op.group)
         link = self.cal.link(op.collective, size, span > self.cluster.ranks_per_node)
-        return link.seconds(op.sent, op.steps, op.calls)
+        return link.seconds(op.sent, op.steps, op.calls, compute_between_calls)
 
     def compute(self, work: PassWork) -> Tuple[float, float]:
         """``(seconds outside attention, seconds of attention kernels)``."""
@@ -157,9 +157,10 @@ class _Pricer:
         """``(compute seconds, communication seconds on the critical path)`` of a pass of
         ``layer_calls`` layer-sized module calls."""
         other, attention = self.compute(work)
-        blocking = sum(self.comm(op) for op in work.comms if not op.overlapped)
-        hidden = sum(self.comm(op) for op in work.comms if op.overlapped)
         compute = other + attention + layer_calls * self.cal.layer_overhead_s
+        between = compute / max(1, sum(op.calls for op in work.comms))
+        blocking = sum(self.comm(op, between) for op in work.comms if not op.overlapped)
+        hidden = sum(self.comm(op, between) for op in work.comms if op.overlapped)
         if self.cal.overlap:
             return compute, blocking + max(0.0, hidden - attention)
         return compute, blocking + hidden

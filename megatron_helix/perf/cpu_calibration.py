@@ -192,7 +192,8 @@ def measure_layer_overhead() -> float:
         def step():
             layer(x, attention_mask=None)[0].sum().backward()
 
-        return median_seconds(step, repeats=31, warmup=5) / 2
+        return statistics.median(median_seconds(step, repeats=31, warmup=5)
+                                 for _ in range(3)) / 2
 
 
 def measure_cpu() -> Calibration:

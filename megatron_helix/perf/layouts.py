@@ -40,7 +40,8 @@ class ParallelLayout:
         problems = [f"{name} must be >= 1, got {getattr(self, name)}"
                     for name in ("tp", "pp", "cp", "dp", "helix_m") if getattr(self, name) < 1]
         if not problems and self.tp % self.helix_m:
-            problems.append(f"helix m {self.helix_m} must divide the tensor-parallel size {self.tp}")
+            problems.append(
+                f"helix m {self.helix_m} must divide the tensor-parallel size {self.tp}")
         if self.score_strategy not in SCORE_STRATEGIES:
             problems.append(f"score_strategy {self.score_strategy!r} not in {SCORE_STRATEGIES}")
         if self.sequence_parallel and self.tp == 1:
@@ -94,7 +95,8 @@ class ParallelLayout:
         if model.num_experts and self.tp > 1 and not self.sequence_parallel:
             problems.append("MoE with tensor parallelism needs sequence parallelism (Megatron)")
         if self.is_helix and self.cp > 1:
-            heads, groups = model.num_attention_heads // self.helix_n, model.query_groups // self.helix_n
+            heads = model.num_attention_heads // self.helix_n
+            groups = model.query_groups // self.helix_n
             if heads % self.helix_m or groups % self.helix_m:
                 problems.append("a ring over helix slices needs whole heads per slice")
         return problems

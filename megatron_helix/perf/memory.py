@@ -200,7 +200,8 @@ def output_activation_bytes(model: ModelShape, layout: ParallelLayout, micro_bat
     tokens = micro_batch * seq_length // layout.cp
     norm_tokens = tokens // layout.tp if layout.sequence_parallel else tokens
     norm = 2 * norm_tokens * model.hidden_size * e + _norm_stats(model, norm_tokens)
-    softmax = tokens * (model.padded_vocab(layout.tp) // layout.tp) * FP32 if model.vocab_size else 0
+    vocab = model.padded_vocab(layout.tp) // layout.tp if model.vocab_size else 0
+    softmax = tokens * vocab * FP32
     return norm + softmax
 
 

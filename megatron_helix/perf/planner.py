@@ -134,40 +134,44 @@ def _gb(n_bytes: float) -> str:
 
 def format_table(predictions: Sequence[Prediction], limit: Optional[int] = None) -> str:
     """One row per layout: tokens/s, step, seed TPOT, decode TPOT, memory per GPU, fits."""
-    header = (f"{'#':>3} {'layout':<40} {'tokens/s':>11} {'step s':>8} {'TPOT* ms':>9} "
+    header = (f"{'#':>3} {'layout':<40} {'tokens/s':>11} {'step s':>8} {'TPOT* us':>9} "
               f"{'decode ms':>9} {'GB/GPU':>7} {'fits':>4} {'bubble':>6}")
     lines = [header]
     for i, p in enumerate(predictions[:limit], start=1):
         decode = f"{p.decode_tpot_s * 1e3:9.2f}" if p.decode_tpot_s is not None else f"{'n/a':>9}"
         lines.append(
             f"{i:>3} {p.layout.label:<40} {p.tokens_per_s:>11,.0f} {p.step_s:>8.2f} "
-            f"{p.seed_tpot_s * 1e3:>9.5f} {decode} {_gb(p.memory.total):>7} "
+            f"{p.seed_tpot_s * 1e6:>9.3f} {decode} {_gb(p.memory.total):>7} "
             f"{'yes' if p.fits else 'NO':>4} {p.bubble:>6.0%}")
     return "\n".join(lines)
 
 
-def plot(predictions: Sequence[Prediction], path: str, title: str) -> None:
-    """Bar chart of predicted tokens/s (fitting layouts solid, the rest hatched) with memory
-    per GPU on a second axis, written as PNG."""
+def plot(predictions: Sequence[Prediction], path: str, title: str,
+         highlight: Sequence[ParallelLayout] = (), limit: int = 25) -> None:
+    """Bar chart of predicted tokens/s for the best ``limit`` layouts and every ``highlight``
+    one (orange: the reference layouts; hatched gray: does not fit), with memory per GPU on a
+    second axis, written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = list(predictions[:30])
-    labels = [p.layout.label for p in shown]
+    wanted = set(highlight)
+    shown = [p for i, p in enumerate(predictions) if i < limit or p.layout in wanted]
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(shown) + 3), 6))
     bars = ax.bar(range(len(shown)), [p.tokens_per_s for p in shown], color="tab:blue")
     for bar, p in zip(bars, shown):
+        if p.layout in wanted:
+            bar.set_color("tab:orange")
         if not p.fits:
             bar.set_hatch("//")
             bar.set_color("lightgray")
-    ax.set_ylabel("predicted training tokens/s")
+    ax.set_ylabel("predicted training tokens/s (orange: reference layouts)")
     ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
+    ax.set_xticklabels([p.layout.label for p in shown], rotation=75, ha="right", fontsize=7)
     memory = ax.twinx()
     memory.plot(range(len(shown)), [p.memory.total / 1e9 for p in shown], "o", color="tab:red")
-    memory.set_ylabel("GB per GPU (red); gray hatched bars do not fit")
+    memory.set_ylabel("GB per GPU (red dots); hatched gray bars do not fit")
     ax.set_title(title + " (PROJECTION: cost model, assumed GPU rates)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

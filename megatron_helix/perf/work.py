@@ -192,7 +192,8 @@ def _ring_attention(x: LayerShape, backward: bool) -> PassWork:
     the next rank while a step computes. Helix ``m > 1`` first trades dim slices for whole
     heads (all-to-all of q, k, v and the output inside the slice group)."""
     R, m, t = x.layout.cp, x.layout.helix_m, x.layout.tp
-    heads, kv_heads, d = x.model.num_attention_heads // t, x.model.query_groups // t, x.model.head_dim
+    heads, kv_heads = x.model.num_attention_heads // t, x.model.query_groups // t
+    d = x.model.head_dim
     kv = 2 * x.tokens * kv_heads * d
     comms = [CommOp("p2p", "cp", (R - 1) * kv * x.element_bytes, calls=R - 1, overlapped=True)]
     if backward:
@@ -341,7 +342,8 @@ def decode_layer_work(x: LayerShape) -> PassWork:
     m, t, b, s = x.model, x.layout.tp, x.micro_batch, x.seq_length
     routed = b * m.active_experts
     gemms = [(b, m.qkv_width // t, m.hidden_size), (b, m.hidden_size, m.context_width // t),
-             (routed, m.fc1_width // t, m.hidden_size), (routed, m.hidden_size, m.ffn_hidden_size // t)]
+             (routed, m.fc1_width // t, m.hidden_size),
+             (routed, m.hidden_size, m.ffn_hidden_size // t)]
     heads = m.num_attention_heads // t
     cache = 2 * b * s * m.query_groups * m.head_dim // t * x.element_bytes
     decode = AttentionWork("flash", 4.0 * b * heads * s * m.head_dim, (b * heads, 1, m.head_dim),
