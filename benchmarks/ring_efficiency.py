@@ -26,7 +26,12 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from megatron_helix.attention.block_kernel import block_attention_backward, block_attention_forward
+from megatron_helix.attention.block_kernel import (
+    KERNEL_CHOICES,
+    block_attention_backward,
+    block_attention_forward,
+    select_kernel,
+)
 from megatron_helix.attention.ring_attention import backward_step, forward_step
 from megatron_helix.attention.zigzag import (
     check_zigzag_length,
@@ -38,7 +43,7 @@ from megatron_helix.attention.zigzag import (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _ring_forward_all_ranks(shards, causal, scale):
+def _ring_forward_all_ranks(shards, causal, scale, kernel):
     """Forward of every rank: ``R`` steps each over the visiting k/v shards -> [(out, lse)]."""
     ring_size = len(shards)
     results = []
@@ -47,12 +52,12 @@ def _ring_forward_all_ranks(shards, causal, scale):
         for step in range(ring_size):
             source = (rank - step) % ring_size
             block = zigzag_block(rank, source, q.shape[0], causal)
-            out, lse = forward_step(q, shards[source][1], block, scale, out, lse)
+            out, lse = forward_step(q, shards[source][1], block, scale, out, lse, kernel)
         results.append((out.to(q.dtype), lse))
     return results
 
 
-def _ring_backward_all_ranks(shards, douts, forward, causal, scale):
+def _ring_backward_all_ranks(shards, douts, forward, causal, scale, kernel):
     """Backward of every rank: dq local in fp32, dk/dv accumulated in fp32 per source shard."""
     ring_size = len(shards)
     dqs = []
@@ -63,7 +68,7 @@ def _ring_backward_all_ranks(shards, douts, forward, causal, scale):
             source = (rank - step) % ring_size
             kv = shards[source][1]
             block = zigzag_block(rank, source, q.shape[0], causal)
-            dk, dv = backward_step(dout, q, kv, out, lse, block, scale, dq)
+            dk, dv = backward_step(dout, q, kv, out, lse, block, scale, dq, kernel)
             dkvs[source][0, block.kv_rows].add_(dk)
             dkvs[source][1, block.kv_rows].add_(dv)
         dqs.append(dq.to(q.dtype))
@@ -121,22 +126,23 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         for r in range(ring_size)
     ]
     douts = [zigzag_shard(dout, r, ring_size) for r in range(ring_size)]
+    kernel = select_kernel(q, args.kernel)  # the same kernel on both sides
     rows: List[Dict[str, object]] = []
     for causal in (True, False):
         forward_flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
 
         def mono_fwd():
-            return block_attention_forward(q, k, v, causal, scale)
+            return block_attention_forward(q, k, v, causal, scale, kernel)
 
         def mono_fwd_bwd():
             out, lse = mono_fwd()
-            return block_attention_backward(dout, q, k, v, out, lse, causal, scale)
+            return block_attention_backward(dout, q, k, v, out, lse, causal, scale, kernel)
 
         def ring_fwd():
-            return _ring_forward_all_ranks(shards, causal, scale)
+            return _ring_forward_all_ranks(shards, causal, scale, kernel)
 
         def ring_fwd_bwd():
-            return _ring_backward_all_ranks(shards, douts, ring_fwd(), causal, scale)
+            return _ring_backward_all_ranks(shards, douts, ring_fwd(), causal, scale, kernel)
 
         # the simulated ring must compute the same attention as the monolithic call
         ring_out = zigzag_unshard([out for out, _ in ring_fwd()])
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             })
     return dict(
         machine=_machine(args.device), torch=torch.__version__, dtype=args.dtype,
-        device=args.device, seq_len=s, ring_size=ring_size, heads=h, head_dim=d, batch=b,
+        device=args.device, kernel=kernel, seq_len=s, ring_size=ring_size, heads=h, head_dim=d, batch=b,
         shard_len=s // ring_size, iters=args.iters, warmup=args.warmup, results=rows,
     )
 
@@ -168,12 +174,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto",
+                        help="block kernel for both sides (auto: flash_attn where it runs)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args()
     report = run(args)
-    print(f"{report['machine']} | torch {report['torch']} | {args.dtype} | s={args.seq_len} "
+    print(f"{report['machine']} | torch {report['torch']} | {report['kernel']} kernel | "
+          f"{args.dtype} | s={args.seq_len} "
           f"R={args.ring_size} b={args.batch} h={args.heads} d={args.head_dim} | "
           f"median of {args.iters} interleaved runs after {args.warmup} warm-up")
     print(f"{'mask':8} {'pass':8} {'mono ms':>10} {'ring ms':>10} {'mono TF/s':>10} "

@@ -171,11 +171,11 @@ def test_zigzag_blocks_cover_exactly_the_causal_mask(ring_size):
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_kernel_cuda_bf16_gqa(causal):
     q, k, v, dout = (x.cuda() for x in _inputs(64, 64, 8, 2, torch.bfloat16))
-    out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5)
+    out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5, "torch")
     ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, causal)
     torch.testing.assert_close(out.float(), ref_out, **BF16_TOL)
     torch.testing.assert_close(lse, ref_lse, **BF16_TOL)
-    grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5)
+    grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5, "torch")
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want, **BF16_TOL)
 
@@ -200,9 +200,9 @@ def _trace(rank, world):
     """The order of posts, block computes and waits in one causal GQA forward + backward."""
     events, shapes = [], []
 
-    def logged(name, kernel, q_index):  # q_index: where q is in the kernel's arguments
+    def logged(name, kernel, q_index, causal_index):  # where q and causal are in its arguments
         def run(*args):
-            q, k, causal = args[q_index], args[q_index + 1], args[-2]
+            q, k, causal = args[q_index], args[q_index + 1], args[causal_index]
             events.append(name)
             shapes.append((name, q.shape[0], k.shape[0], causal))
             return kernel(*args)
@@ -219,8 +219,8 @@ def _trace(rank, world):
     batch_isend_irecv = dist.batch_isend_irecv
     saved = (ring_module.block_attention_forward, ring_module.block_attention_backward,
              ring_module._Transfer.wait)
-    ring_module.block_attention_forward = logged("fwd", saved[0], 0)
-    ring_module.block_attention_backward = logged("bwd", saved[1], 1)
+    ring_module.block_attention_forward = logged("fwd", saved[0], 0, 3)
+    ring_module.block_attention_backward = logged("bwd", saved[1], 1, 6)
     ring_module._Transfer.wait = logged_wait
     dist.batch_isend_irecv = logged_post
     try:

@@ -3,20 +3,18 @@
 A ring step attends local queries to one visiting key/value block. To combine blocks exactly
 the kernel must return, besides the output, the log-sum-exp of each query row's scaled scores,
 ``lse = log(sum_j exp(scale * q . k_j))``; the backward of a block then needs that row's *global*
-output and LSE, never a per-block softmax. torch's flash SDPA aten ops expose exactly this pair:
-``_scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) on CPU, and
-``_scaled_dot_product_flash_attention`` (+ ``_backward``) on CUDA (FlashAttention-2 inside
-PyTorch; on Hopper ``torch.nn.attention.activate_flash_attention_impl("FA3")`` swaps FA3 into the
-same ops, so nothing here changes).
+output and LSE, never a per-block softmax. Two kernels provide that pair:
 
-Layout: Megatron's ``[s, b, heads, d]`` throughout, ``lse`` as ``[s, b, heads]`` fp32. The aten
-ops take ``[b, heads, s, d]``; the permutation is a free view (the ops need only the last dim
-contiguous), and keeping ``s`` outermost makes the zigzag halves of a shard contiguous slices.
+* ``torch`` (``block_kernel_torch.py``): PyTorch's flash SDPA aten ops, CPU and CUDA, always
+  there;
+* ``flash_attn`` (``block_kernel_flash_attn.py``): flash-attn >= 2.7 on CUDA, when installed.
 
-GQA: ``k``/``v`` arrive un-expanded (``g`` groups, query head ``i`` uses group
-``i // (heads // g)``, Megatron's ``repeat_interleave`` order). Both aten flash ops accept that
-directly and return ``dk``/``dv`` already reduced to ``g`` groups, so nothing is ever expanded.
+``kernel="auto"`` takes ``flash_attn`` where it can run the block and ``torch`` otherwise; naming
+a kernel that cannot run the block is an error that says why.
 
+Layout: Megatron's ``[s, b, heads, d]`` throughout, ``lse`` as ``[s, b, heads]`` fp32. GQA:
+``k``/``v`` arrive un-expanded (``g`` groups, query head ``i`` uses group ``i // (heads // g)``,
+Megatron's ``repeat_interleave`` order) and their gradients leave reduced to ``g`` groups.
 Causal means the diagonal block: ``sq == sk`` and query ``i`` sees keys ``0..i``.
 
 Not supported: dropout (the CPU op refuses it, and the CUDA backward would need the forward's
@@ -31,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+from megatron_helix.attention import block_kernel_flash_attn, block_kernel_torch
+
+KERNELS = {"torch": block_kernel_torch, "flash_attn": block_kernel_flash_attn}
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -60,6 +61,29 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def check_kernel_name(kernel: str) -> None:
+    """Raise ``ValueError`` unless ``kernel`` is one of ``KERNEL_CHOICES``."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown block kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
+
+
+def select_kernel(q: Tensor, kernel: str = "auto") -> str:
+    """The kernel that runs blocks like q ``[s, b, h, d]``: ``kernel`` itself, checked, or for
+    ``"auto"`` ``flash_attn`` where it can and ``torch`` otherwise."""
+    check_kernel_name(kernel)
+    if kernel == "auto":
+        return "flash_attn" if not block_kernel_flash_attn.unsupported_reason(q) else "torch"
+    if kernel == "flash_attn":
+        why = block_kernel_flash_attn.unsupported_reason(q)
+        if why:
+            raise ValueError(f"block kernel 'flash_attn' cannot run here: {why}")
+    if q.is_cuda and q.dtype not in block_kernel_torch.CUDA_DTYPES:
+        raise TypeError(
+            f"flash attention on CUDA takes fp16 or bf16, not {q.dtype}; run fp32 on CPU"
+        )
+    return kernel
+
+
 def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     check_qkv(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0:
@@ -68,24 +92,10 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(
             f"a causal block is a diagonal block: sq ({q.shape[0]}) must equal sk ({k.shape[0]})"
         )
-    if q.is_cuda and q.dtype not in _CUDA_DTYPES:
-        raise TypeError(
-            f"flash attention on CUDA takes fp16 or bf16, not {q.dtype}; run fp32 on CPU"
-        )
-
-
-def _bhsd(x: Tensor) -> Tensor:
-    """``[s, b, h, d]`` -> ``[b, h, s, d]`` view."""
-    return x.permute(1, 2, 0, 3)
-
-
-def _sbhd(x: Tensor) -> Tensor:
-    """``[b, h, s, d]`` -> ``[s, b, h, d]`` view."""
-    return x.permute(2, 0, 1, 3)
 
 
 def block_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, kernel: str = "auto"
 ) -> Tuple[Tensor, Tensor]:
     """``softmax(scale * q k^T) v`` for one block, with its log-sum-exp.
 
@@ -93,20 +103,12 @@ def block_attention_forward(
     lse ``[sq, b, h]`` fp32.
     """
     _check_block(q, k, v, causal)
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=softmax_scale
-        )[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=softmax_scale
-        )
-    return _sbhd(out), lse.permute(2, 0, 1)
+    return KERNELS[select_kernel(q, kernel)].forward(q, k, v, causal, softmax_scale)
 
 
 def block_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    causal: bool, softmax_scale: float,
+    causal: bool, softmax_scale: float, kernel: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the rows' final ``out`` ``[sq, b, h, d]`` and ``lse``
     ``[sq, b, h]``.
@@ -117,20 +119,9 @@ def block_attention_backward(
     Returns dq ``[sq, b, h, d]``, dk, dv ``[sk, b, g, d]`` in the inputs' dtype.
     """
     _check_block(q, k, v, causal)
-    args = (_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out))
-    lse_bhs = lse.permute(1, 2, 0).contiguous()  # the CUDA kernel indexes lse as dense [b, h, s]
-    if q.is_cuda:
-        no_rng = torch.empty(0, dtype=torch.uint64, device=q.device)  # read only with dropout
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            *args, lse_bhs, None, None, q.shape[0], k.shape[0], 0.0, causal, no_rng, no_rng,
-            scale=softmax_scale,
-        )
-    else:
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *args, lse_bhs, 0.0, causal, scale=softmax_scale
-        )
-    dq, dk, dv = (_sbhd(g) for g in grads)
-    return dq, dk, dv
+    return KERNELS[select_kernel(q, kernel)].backward(
+        dout, q, k, v, out, lse, causal, softmax_scale
+    )
 
 
 def merge_block_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:

@@ -33,6 +33,7 @@ from megatron_helix.attention.block_kernel import (
     block_attention_forward,
     check_qkv,
     merge_block_,
+    select_kernel,
 )
 from megatron_helix.attention.zigzag import ZigzagBlock, zigzag_block
 
@@ -79,15 +80,16 @@ class _Ring:
 
 def forward_step(
     q: Tensor, kv: Tensor, block: ZigzagBlock, softmax_scale: float,
-    out: Optional[Tensor], lse: Optional[Tensor],
+    out: Optional[Tensor], lse: Optional[Tensor], kernel: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """One ring step without communication: attend ``block``'s rows of q ``[s, b, h, d]`` to
     kv ``[2, s', b, g, d]`` and merge into the running fp32 ``out`` ``[s, b, h, d]`` and ``lse``
     ``[s, b, h]``. On the first step (the diagonal block, every row) pass ``out = lse = None``.
+    ``kernel``: the block kernel (``block_kernel.KERNEL_CHOICES``).
     """
     rows, cols = block.q_rows, block.kv_rows
     block_out, block_lse = block_attention_forward(
-        q[rows], kv[0, cols], kv[1, cols], block.causal, softmax_scale
+        q[rows], kv[0, cols], kv[1, cols], block.causal, softmax_scale, kernel
     )
     if out is None:
         return block_out.float(), block_lse
@@ -97,21 +99,22 @@ def forward_step(
 
 def backward_step(
     dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, block: ZigzagBlock,
-    softmax_scale: float, dq: Tensor,
+    softmax_scale: float, dq: Tensor, kernel: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """One backward ring step without communication: add the block's query gradient into the
     fp32 ``dq`` ``[s, b, h, d]`` and return its key/value gradients for ``block.kv_rows``."""
     rows, cols = block.q_rows, block.kv_rows
     dq_block, dk, dv = block_attention_backward(
         dout[rows], q[rows], kv[0, cols], kv[1, cols], out[rows], lse[rows], block.causal,
-        softmax_scale,
+        softmax_scale, kernel,
     )
     dq[rows].add_(dq_block)
     return dk, dv
 
 
 def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, ring: _Ring
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, ring: _Ring,
+    kernel: str,
 ) -> Tuple[Tensor, Tensor]:
     """-> out ``[s, b, h, d]`` in q's dtype, lse ``[s, b, h]`` fp32."""
     kv = torch.stack((k, v))  # one contiguous message per step
@@ -119,7 +122,7 @@ def _ring_forward(
     for step in range(ring.size):
         incoming = ring.shift(kv) if step + 1 < ring.size else None
         block = zigzag_block(ring.rank, ring.source(step), q.shape[0], causal)
-        out, lse = forward_step(q, kv, block, softmax_scale, out, lse)
+        out, lse = forward_step(q, kv, block, softmax_scale, out, lse, kernel)
         if incoming is not None:
             kv = incoming.wait()
     return out.to(q.dtype), lse
@@ -127,7 +130,7 @@ def _ring_forward(
 
 def _ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-    softmax_scale: float, ring: _Ring,
+    softmax_scale: float, ring: _Ring, kernel: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv in the inputs' dtypes."""
     kv = torch.stack((k, v))
@@ -136,7 +139,7 @@ def _ring_backward(
     for step in range(ring.size):
         incoming = ring.shift(kv) if step + 1 < ring.size else None
         block = zigzag_block(ring.rank, ring.source(step), q.shape[0], causal)
-        dk, dv = backward_step(dout, q, kv, out, lse, block, softmax_scale, dq)
+        dk, dv = backward_step(dout, q, kv, out, lse, block, softmax_scale, dq, kernel)
         dkv = torch.zeros_like(kv, dtype=torch.float32) if grads_in is None else grads_in.wait()
         dkv[0, block.kv_rows].add_(dk)
         dkv[1, block.kv_rows].add_(dv)
@@ -151,18 +154,18 @@ class RingAttention(torch.autograd.Function):
     """Autograd wrapper: the backward is the ring pass of ``_ring_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, ring: _Ring):
-        out, lse = _ring_forward(q, k, v, causal, softmax_scale, ring)
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, ring: _Ring, kernel: str):
+        out, lse = _ring_forward(q, k, v, causal, softmax_scale, ring, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.ring = causal, softmax_scale, ring
+        ctx.causal, ctx.softmax_scale, ctx.ring, ctx.kernel = causal, softmax_scale, ring, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv = _ring_backward(
-            dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.ring
+            dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.ring, ctx.kernel
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _default_group() -> Optional[dist.ProcessGroup]:
@@ -188,16 +191,19 @@ def ring_attention(
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Exact attention of zigzag-sharded q ``[s_local, b, h, d]`` to k, v ``[s_local, b, g, d]``
     over the ranks of ``group`` (default: Megatron's context-parallel group) ->
     ``[s_local, b, h, d]``.
 
     Rank ``r`` of ``R`` holds chunks ``r`` and ``2R-1-r`` of ``2R`` (``zigzag_shard``; Megatron's
-    ``get_batch_on_this_cp_rank``). ``softmax_scale`` defaults to ``d ** -0.5``. Differentiable
-    in q, k and v. Without dropout: see ``block_kernel``.
+    ``get_batch_on_this_cp_rank``). ``softmax_scale`` defaults to ``d ** -0.5``. ``kernel``
+    picks the block kernel (``block_kernel``: ``auto``, ``torch``, ``flash_attn``); every rank
+    must resolve it alike. Differentiable in q, k and v. Without dropout: see ``block_kernel``.
     """
     check_qkv(q, k, v)
+    kernel = select_kernel(q, kernel)
     ring = _Ring(_default_group() if group is None else group)
     if causal and q.shape[0] != k.shape[0]:
         raise ValueError(
@@ -210,4 +216,4 @@ def ring_attention(
             f"{q.shape[0]} is odd (the full sequence must be divisible by 2 x {ring.size})"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return RingAttention.apply(q, k, v, causal, scale, ring)
+    return RingAttention.apply(q, k, v, causal, scale, ring, kernel)
