@@ -22,7 +22,12 @@ from megatron_helix import parallel_state as helix_state
 from megatron_helix.attention.redistribute import redistribute_attention
 from megatron_helix.attention.score_allreduce import score_allreduce_attention
 from megatron_helix.attention.sdpa import sdpa_attention
-from megatron_helix.attention.strategy import STRATEGIES, SliceGroupShape, choose_strategy
+from megatron_helix.attention.strategy import (
+    QUERY_BLOCK_SIZE,
+    STRATEGIES,
+    SliceGroupShape,
+    choose_strategy,
+)
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _MASKED_TYPES = (AttnMaskType.padding, AttnMaskType.padding_causal, AttnMaskType.arbitrary)
@@ -46,7 +51,7 @@ class HelixCoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
         score_strategy: str = "auto",
-        query_block_size: int = 512,
+        query_block_size: int = QUERY_BLOCK_SIZE,
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -104,7 +109,9 @@ class HelixCoreAttention(MegatronModule):
             m=m, batch=b, seq_q=sq, seq_kv=key.shape[0], heads=h,
             kv_heads=key.shape[2], slice_dim=dm, element_bytes=query.element_size(),
         )
-        strategy = choose_strategy(self.score_strategy, shape, backward=self.training)
+        strategy = choose_strategy(
+            self.score_strategy, shape, self.training, causal, self.query_block_size
+        )
         self.last_strategy = strategy
         if strategy == "allreduce":
             generator = helix_state.get_helix_dropout_generator() if dropout_p > 0 else None

@@ -22,17 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_helix.attention.strategy import QUERY_BLOCK_SIZE, query_blocks
+
 _NEG_INF = float("-inf")
-
-
-def _blocks(sq: int, block: int):
-    for start in range(0, sq, block):
-        yield start, min(start + block, sq)
-
-
-def _key_end(causal: bool, q_end: int, sq: int, sk: int) -> int:
-    """Keys a query block can see: with a causal mask aligned bottom-right, up to its last row."""
-    return min(sk, sk - sq + q_end) if causal else sk
 
 
 def _masked_scores(
@@ -87,10 +79,7 @@ def _score_allreduce_forward(
     sk = k.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full((b, g, r, sq), _NEG_INF, dtype=torch.float32, device=q.device)
-    for q0, q1 in _blocks(sq, block):
-        k1 = _key_end(causal, q1, sq, sk)
-        if k1 <= 0:
-            continue
+    for q0, q1, k1 in query_blocks(sq, sk, causal, block):
         partial = _scores_partial(q, k, q0, q1, k1)
         dist.all_reduce(partial, group=group)
         scores = _masked_scores(partial, q0, q1, k1, sq, sk, scale, causal, mask)
@@ -119,10 +108,7 @@ def _score_allreduce_backward(
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for q0, q1 in _blocks(sq, block):
-        k1 = _key_end(causal, q1, sq, sk)
-        if k1 <= 0:
-            continue
+    for q0, q1, k1 in query_blocks(sq, sk, causal, block):
         rows = r * (q1 - q0)
         do = dout[:, :, :, q0:q1].reshape(b, g, rows, dm).float()
         both = torch.stack(
@@ -189,7 +175,7 @@ def score_allreduce_attention(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
-    query_block_size: int = 512,
+    query_block_size: int = QUERY_BLOCK_SIZE,
 ) -> Tensor:
     """Attention of dim-sliced heads, exact across the slice ``group``.
 

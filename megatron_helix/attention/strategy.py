@@ -9,6 +9,7 @@ same formulas the communication tests check against measured traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Tuple
 
 STRATEGIES = ("auto", "allreduce", "redistribute")
 
@@ -31,12 +32,35 @@ class SliceGroupShape:
     element_bytes: int
 
 
-def allreduce_bytes_sent(shape: SliceGroupShape, backward: bool) -> int:
-    """Score all-reduce: fp32 scores forward; recomputed scores + dP backward."""
+QUERY_BLOCK_SIZE = 512  # the score all-reduce's default query block (HelixCoreAttention's)
+
+
+def query_blocks(
+    seq_q: int, seq_kv: int, causal: bool, query_block_size: int = QUERY_BLOCK_SIZE
+) -> Iterator[Tuple[int, int, int]]:
+    """``(q0, q1, k1)`` of every query block of the score all-reduce: rows ``q0:q1`` see keys
+    ``0:k1``, all keys without a mask, up to the block's last row under a causal mask aligned
+    bottom-right (``seq_kv - seq_q`` leading keys always visible). Blocks that see no key are
+    left out."""
+    for q0 in range(0, seq_q, query_block_size):
+        q1 = min(q0 + query_block_size, seq_q)
+        k1 = min(seq_kv, seq_kv - seq_q + q1) if causal else seq_kv
+        if k1 > 0:
+            yield q0, q1, k1
+
+
+def allreduce_bytes_sent(
+    shape: SliceGroupShape, backward: bool, causal: bool,
+    query_block_size: int = QUERY_BLOCK_SIZE,
+) -> int:
+    """Score all-reduce, one per query block over the scores that block computes: fp32 scores
+    forward; recomputed scores + dP backward."""
     if shape.m == 1:
         return 0
-    scores = shape.batch * shape.heads * shape.seq_q * shape.seq_kv * 4
-    per_pass = 2 * (shape.m - 1) * scores // shape.m
+    per_pass = 0
+    for q0, q1, k1 in query_blocks(shape.seq_q, shape.seq_kv, causal, query_block_size):
+        scores = shape.batch * shape.heads * (q1 - q0) * k1 * 4
+        per_pass += 2 * (shape.m - 1) * scores // shape.m
     return per_pass * (3 if backward else 1)
 
 
@@ -57,7 +81,10 @@ def redistribute_applies(shape: SliceGroupShape) -> bool:
     return shape.seq_q == shape.seq_kv and shape.seq_q % (2 * shape.m) == 0
 
 
-def choose_strategy(requested: str, shape: SliceGroupShape, backward: bool) -> str:
+def choose_strategy(
+    requested: str, shape: SliceGroupShape, backward: bool, causal: bool,
+    query_block_size: int = QUERY_BLOCK_SIZE,
+) -> str:
     """Resolve ``auto`` to the strategy that sends fewer bytes; validate explicit choices."""
     if requested not in STRATEGIES:
         raise ValueError(f"--helix-score-strategy {requested!r} not in {STRATEGIES}")
@@ -70,6 +97,5 @@ def choose_strategy(requested: str, shape: SliceGroupShape, backward: bool) -> s
         return requested
     if not redistribute_applies(shape):
         return "allreduce"
-    if redistribute_bytes_sent(shape, backward) < allreduce_bytes_sent(shape, backward):
-        return "redistribute"
-    return "allreduce"
+    allreduce = allreduce_bytes_sent(shape, backward, causal, query_block_size)
+    return "redistribute" if redistribute_bytes_sent(shape, backward) < allreduce else "allreduce"

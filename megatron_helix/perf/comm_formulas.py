@@ -28,9 +28,8 @@ tensor-parallel group: ``b s / R`` with a ring of ``R``; ``D`` hidden):
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from megatron_helix.attention.strategy import (
+    QUERY_BLOCK_SIZE,
     SliceGroupShape,
     allreduce_bytes_sent,
     redistribute_bytes_sent,
@@ -86,25 +85,6 @@ def tp_layer_bytes(
     return 2 * (forward + (back if backward else 0))
 
 
-QUERY_BLOCK_SIZE = 512  # HelixCoreAttention's default query block
-
-
-def query_blocks(seq_q: int, seq_kv: int, causal: bool, query_block_size: int = QUERY_BLOCK_SIZE):
-    """``(rows, keys)`` of every query block of the score all-reduce: a block sees the keys up
-    to its last row under a bottom-right causal mask, all keys otherwise."""
-    for q0 in range(0, seq_q, query_block_size):
-        q1 = min(q0 + query_block_size, seq_q)
-        keys = min(seq_kv, seq_kv - seq_q + q1) if causal else seq_kv
-        if keys > 0:
-            yield q1 - q0, keys
-
-
-def score_pairs(seq_q: int, seq_kv: int, causal: bool,
-                query_block_size: int = QUERY_BLOCK_SIZE) -> int:
-    """(query, key) pairs whose scores the score all-reduce computes and all-reduces."""
-    return sum(rows * keys for rows, keys in query_blocks(seq_q, seq_kv, causal, query_block_size))
-
-
 def helix_attention_bytes(
     shape: SliceGroupShape, strategy: str, causal: bool = True,
     query_block_size: int = QUERY_BLOCK_SIZE,
@@ -113,17 +93,14 @@ def helix_attention_bytes(
     """Slice-group traffic of one helix attention layer per micro-batch (not the TP part).
 
     ``strategy`` is the resolved one (``allreduce`` or ``redistribute``); see
-    ``attention.strategy.choose_strategy`` for ``auto``. The score all-reduce is
-    ``strategy.allreduce_bytes_sent`` applied block by block to the pairs each block computes.
+    ``attention.strategy.choose_strategy`` for ``auto``. The score all-reduce counts the pairs
+    each query block computes (causal blocks stop at the diagonal).
     """
     if strategy == "redistribute":
         return redistribute_bytes_sent(shape, backward)
     if strategy != "allreduce":
         raise ValueError(f"strategy {strategy!r} is neither 'allreduce' nor 'redistribute'")
-    return sum(
-        allreduce_bytes_sent(replace(shape, seq_q=rows, seq_kv=keys), backward)
-        for rows, keys in query_blocks(shape.seq_q, shape.seq_kv, causal, query_block_size)
-    )
+    return allreduce_bytes_sent(shape, backward, causal, query_block_size)
 
 
 def ring_attention_bytes(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-from megatron_helix.attention.strategy import SliceGroupShape
+from megatron_helix.attention.strategy import SliceGroupShape, query_blocks
 from megatron_helix.layerwise import ModelShape
 from megatron_helix.perf.calibration import flash_attention_flops
 from megatron_helix.perf.comm_formulas import (
@@ -27,7 +27,6 @@ from megatron_helix.perf.comm_formulas import (
     all_gather_sent,
     all_reduce_sent,
     all_to_all_sent,
-    query_blocks,
     reduce_scatter_sent,
 )
 from megatron_helix.perf.layouts import ParallelLayout
@@ -163,8 +162,8 @@ def _score_allreduce_attention(x: LayerShape, backward: bool) -> PassWork:
     scores = shape.batch * shape.heads * shape.seq_q * shape.seq_kv * FP32_BYTES
     work = PassWork(attention=[_attention(x, "score_allreduce", backward, shape.heads,
                                           shape.seq_q, shape.slice_dim, 4 * scores)])
-    for rows, keys in query_blocks(shape.seq_q, shape.seq_kv, x.causal):
-        block = shape.batch * shape.heads * rows * keys * FP32_BYTES * (2 if backward else 1)
+    for q0, q1, k1 in query_blocks(shape.seq_q, shape.seq_kv, x.causal):
+        block = shape.batch * shape.heads * (q1 - q0) * k1 * FP32_BYTES * (2 if backward else 1)
         work.comms.append(CommOp("all_reduce", "helix_slice", all_reduce_sent(block, shape.m),
                                  steps=2 * (shape.m - 1)))
     return work
