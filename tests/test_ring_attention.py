@@ -282,6 +282,8 @@ def _module_checks(rank, world):
             q, k, v, torch.zeros(BATCH, 1, seq // world, seq, dtype=torch.bool)), "padding"),
         (lambda: attention(world, attention_dropout=0.1)(q, k, v, None), "dropout 0.1"),
         (lambda: attention(world, cp_comm_type="a2a"), "cp_comm_type 'a2a'"),
+        (lambda: attention(world, block_kernel="fast"), "unknown block kernel 'fast'"),
+        (lambda: attention(world, block_kernel="flash_attn")(q, k, v, None), "cannot run here"),
     ]
     for call, match in refusals:
         with pytest.raises((NotImplementedError, ValueError), match=match):

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
+from megatron_helix.attention.block_kernel import check_kernel_name
 from megatron_helix.attention.ring_attention import ring_attention
 from megatron_helix.attention.sdpa import sdpa_attention
 
@@ -43,7 +44,8 @@ class RingDotProductAttention(MegatronModule):
 
     Args mirror ``megatron.core.transformer.dot_product_attention.DotProductAttention``.
     ``cp_comm_type`` may be ``None`` or ``"p2p"`` (the ring); ``pg_collection`` must provide
-    ``cp`` (default: Megatron's parallel state).
+    ``cp`` (default: Megatron's parallel state). ``block_kernel`` (``auto``, ``torch``,
+    ``flash_attn``; set through the spec's ``params``) picks the ring's block kernel.
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class RingDotProductAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        block_kernel: str = "auto",
     ):
         super().__init__(config=config)
+        check_kernel_name(block_kernel)
         if cp_comm_type not in (None, "p2p"):
             raise ValueError(
                 f"RingDotProductAttention is the p2p ring; cp_comm_type {cp_comm_type!r} is not "
@@ -77,6 +81,7 @@ class RingDotProductAttention(MegatronModule):
         if getattr(pg_collection, "cp", None) is None:
             raise ValueError("RingDotProductAttention needs pg_collection.cp, the ring's group")
         self.cp_group = pg_collection.cp
+        self.block_kernel = block_kernel
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -109,7 +114,9 @@ class RingDotProductAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         self._refuse_unsupported(mask, dropout_p, attention_bias, packed_seq_params)
         if mask is None and dropout_p == 0.0:
-            out = ring_attention(query, key, value, causal, self.softmax_scale, self.cp_group)
+            out = ring_attention(
+                query, key, value, causal, self.softmax_scale, self.cp_group, self.block_kernel
+            )
         else:
             out = self._local_attention(query, key, value, causal, mask, dropout_p)
         return out.reshape(out.shape[0], out.shape[1], -1)
