@@ -130,9 +130,9 @@ def merge_block_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor)
 
     The exact softmax merge is ``lse' = log(e^lse + e^lse_b)`` and
     ``out' = (e^lse out + e^lse_b out_b) / e^lse'``. Written with sigmoids of LSE differences it
-    never exponentiates a large number: ``out' = out - sigmoid(lse_b - lse) (out - out_b)`` and
-    ``lse' = lse - logsigmoid(lse - lse_b)``.
+    never exponentiates a large number: ``out' = out + sigmoid(lse_b - lse) (out_b - out)``, one
+    ``lerp`` pass over the output, and ``lse' = lse - logsigmoid(lse - lse_b)``.
     """
     block_lse = block_lse.float()
-    out.sub_(torch.sigmoid(block_lse - lse).unsqueeze(-1) * (out - block_out.float()))
+    out.lerp_(block_out.float(), torch.sigmoid(block_lse - lse).unsqueeze(-1))
     lse.sub_(F.logsigmoid(lse - block_lse))
