@@ -18,7 +18,13 @@ from megatron_helix.attention.block_kernel import (
     select_kernel,
 )
 from megatron_helix.attention.ring_attention import ring_attention
-from tests.test_ring_attention import BF16_TOL, FP32_TOL, HEAD_DIM, _inputs, _reference
+from tests.reference_attention import (
+    BF16_TOL,
+    FP32_TOL,
+    HEAD_DIM,
+    attention_inputs,
+    reference_with_grads,
+)
 
 CASES = [(True, 4, 4), (False, 4, 2), (True, 4, 1)]  # (causal, heads, kv groups)
 
@@ -74,14 +80,14 @@ def flash_attn_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("causal,heads,groups", CASES)
-def test_flash_attn_glue_matches_reference(flash_attn_on_cpu, causal, heads, groups):
-    q, k, v, dout = _inputs(10, 10, heads, groups)
+def test_flash_attn_glue_matchesreference_with_grads(flash_attn_on_cpu, causal, heads, groups):
+    q, k, v, dout = attention_inputs(10, 10, heads, groups)
     dout = dout.transpose(0, 1).contiguous().transpose(0, 1)  # autograd may hand any strides
     out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5, "flash_attn")
     grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5,
                                      "flash_attn")
     assert flash_attn_on_cpu.calls == ["forward", "backward"]
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, causal)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, causal)
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
@@ -90,7 +96,7 @@ def test_flash_attn_glue_matches_reference(flash_attn_on_cpu, causal, heads, gro
 
 
 def test_ring_attention_passes_the_kernel_to_every_block(flash_attn_on_cpu):
-    q, k, v, dout = _inputs(8, 8, 4, 2)
+    q, k, v, dout = attention_inputs(8, 8, 4, 2)
     q.requires_grad_(True)
     ring_attention(q, k, v, causal=True, kernel="flash_attn").backward(dout)
     assert flash_attn_on_cpu.calls == ["forward", "backward"]
@@ -120,12 +126,12 @@ def test_flash_attn_names_what_it_cannot_run():
 )
 @pytest.mark.parametrize("causal,heads,groups", CASES)
 def test_flash_attn_cuda_matches_torch_kernel(causal, heads, groups):
-    q, k, v, dout = (x.cuda() for x in _inputs(64, 64, heads, groups, torch.bfloat16))
+    q, k, v, dout = (x.cuda() for x in attention_inputs(64, 64, heads, groups, torch.bfloat16))
     assert select_kernel(q, "auto") == "flash_attn"
     out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5, "flash_attn")
     grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5,
                                      "flash_attn")
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, causal)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, causal)
     torch.testing.assert_close(out.float(), ref_out, **BF16_TOL)
     torch.testing.assert_close(lse, ref_lse, **BF16_TOL)
     for got, want in zip(grads, ref_grads):

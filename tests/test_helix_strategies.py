@@ -11,24 +11,12 @@ from __future__ import annotations
 import torch
 
 from tests.distributed import run_distributed
+from tests.reference_attention import reference_attention
 
 
 def _reference(q, k, v, causal, mask=None, keep=None):
     """Full-head attention ``[s, b, h, d]`` in fp64, optional dropout keep-mask (scaled)."""
-    q, k, v = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    sq, sk = scores.shape[-2:]
-    if causal:
-        allowed = torch.arange(sk)[None] <= torch.arange(sq)[:, None] + (sk - sq)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
-    probs = scores.softmax(-1)
-    if keep is not None:
-        probs = probs * keep.double()
-    return (probs @ v).permute(2, 0, 1, 3)
+    return reference_attention(q, k, v, causal, mask, keep)[0]
 
 
 def _my_dims(d, rank, m=2):

@@ -1,10 +1,11 @@
 """Ring attention equals single-device attention; its pieces are exact on their own.
 
 The reference is plain torch math (scores, mask, softmax, autograd) on the full sequence in
-fp32. In-process tests cover the block kernel, the LSE merge and the zigzag layout; one 2-rank
-and one 4-rank gloo world run every ring case (causal and not, GQA, 3 heads, bf16), check that
-sends are posted before each block and waited after it, that every rank computes the same
-blocks, and (2 ranks) ``RingDotProductAttention`` under Megatron's parallel state.
+fp64 (``tests/reference_attention.py``). In-process tests cover the block kernel, the LSE merge
+and the zigzag layout; one 2-rank and one 4-rank gloo world run every ring case (causal and
+not, GQA, 3 heads, bf16), check that sends are posted before each block and waited after it,
+that every rank computes the same blocks, and (2 ranks) ``RingDotProductAttention`` under
+Megatron's parallel state.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ from megatron_helix.attention.zigzag import (
     zigzag_unshard,
 )
 from tests.distributed import run_distributed
+from tests.reference_attention import (
+    BATCH,
+    BF16_TOL,
+    FP32_TOL,
+    HEAD_DIM,
+    attention_inputs,
+    reference_with_grads,
+)
 
-BATCH, HEAD_DIM, CHUNK = 2, 8, 3
-FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+CHUNK = 3
 # (causal, heads, kv groups, dtype, kv chunk length)
 RING_CASES = [
     (True, 4, 4, torch.float32, CHUNK),
@@ -46,44 +53,16 @@ RING_CASES = [
 ]
 
 
-def _inputs(sq, sk, heads, groups, dtype=torch.float32, head_dim=HEAD_DIM):
-    """Full q ``[sq, b, h, d]``, k, v ``[sk, b, g, d]`` and an upstream gradient."""
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(sq, BATCH, heads, head_dim, generator=gen)
-    k = torch.randn(sk, BATCH, groups, head_dim, generator=gen)
-    v = torch.randn(sk, BATCH, groups, head_dim, generator=gen)
-    dout = torch.randn(sq, BATCH, heads, head_dim, generator=gen)
-    return tuple(x.to(dtype) for x in (q, k, v, dout))
-
-
-def _reference(q, k, v, dout, causal, mask=None):
-    """fp32 softmax attention on full tensors -> out, lse ``[s, b, h]``, (dq, dk, dv)."""
-    q, k, v = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    repeat = q.shape[2] // k.shape[2]
-    keys, values = k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2)
-    scores = torch.einsum("qbhd,kbhd->bhqk", q, keys) * q.shape[-1] ** -0.5
-    if causal:
-        scores = scores.masked_fill(
-            torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).triu(1),
-            float("-inf"),
-        )
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
-    out = torch.einsum("bhqk,kbhd->qbhd", scores.softmax(-1), values)
-    grads = torch.autograd.grad(out, (q, k, v), dout.float())
-    return out.detach(), scores.logsumexp(-1).permute(2, 0, 1).detach(), grads
-
-
 # ---------------------------------------------------------------- block kernel, merge, zigzag
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (3, 1)])
-def test_block_kernel_matches_reference(causal, heads, groups):
+def test_block_kernel_matchesreference_with_grads(causal, heads, groups):
     sk = 10 if causal else 13
-    q, k, v, dout = _inputs(10, sk, heads, groups)
+    q, k, v, dout = attention_inputs(10, sk, heads, groups)
     out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5)
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, causal)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, causal)
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
     grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5)
@@ -93,7 +72,7 @@ def test_block_kernel_matches_reference(causal, heads, groups):
 
 
 def test_block_kernel_refuses_bad_shapes():
-    q, k, v, _ = _inputs(6, 8, 4, 2)
+    q, k, v, _ = attention_inputs(6, 8, 4, 2)
     with pytest.raises(ValueError, match="diagonal block"):
         block_attention_forward(q, k, v, True, 1.0)
     with pytest.raises(ValueError, match="groups must divide heads"):
@@ -105,7 +84,7 @@ def test_block_kernel_refuses_bad_shapes():
 
 
 def test_merge_equals_attention_over_the_union_of_blocks():
-    q, k, v, _ = _inputs(7, 12, 4, 2)
+    q, k, v, _ = attention_inputs(7, 12, 4, 2)
     out, lse = block_attention_forward(q, k[:5], v[:5], False, 0.5)
     out = out.float()
     block_out, block_lse = block_attention_forward(q, k[5:], v[5:], False, 0.5)
@@ -170,9 +149,9 @@ def test_zigzag_blocks_cover_exactly_the_causal_mask(ring_size):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_kernel_cuda_bf16_gqa(causal):
-    q, k, v, dout = (x.cuda() for x in _inputs(64, 64, 8, 2, torch.bfloat16))
+    q, k, v, dout = (x.cuda() for x in attention_inputs(64, 64, 8, 2, torch.bfloat16))
     out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5, "torch")
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, dout, causal)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, causal)
     torch.testing.assert_close(out.float(), ref_out, **BF16_TOL)
     torch.testing.assert_close(lse, ref_lse, **BF16_TOL)
     grads = block_attention_backward(dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5, "torch")
@@ -187,7 +166,7 @@ def _ring_cases(rank, world):
     """Every RING_CASES entry on this rank's zigzag shards -> (out, dq, dk, dv) shards."""
     results = []
     for causal, heads, groups, dtype, kv_chunk in RING_CASES:
-        full = _inputs(2 * world * CHUNK, 2 * world * kv_chunk, heads, groups, dtype)
+        full = attention_inputs(2 * world * CHUNK, 2 * world * kv_chunk, heads, groups, dtype)
         q, k, v, dout = (zigzag_shard(x, rank, world) for x in full)
         q, k, v = (x.requires_grad_(True) for x in (q, k, v))
         out = ring_attention(q, k, v, causal, group=dist.group.WORLD)
@@ -224,7 +203,7 @@ def _trace(rank, world):
     ring_module._Transfer.wait = logged_wait
     dist.batch_isend_irecv = logged_post
     try:
-        q, k, v, dout = (zigzag_shard(x, rank, world) for x in _inputs(
+        q, k, v, dout = (zigzag_shard(x, rank, world) for x in attention_inputs(
             2 * world * CHUNK, 2 * world * CHUNK, 4, 2))
         q.requires_grad_(True)
         ring_attention(q, k, v, True, group=dist.group.WORLD).backward(dout)
@@ -263,7 +242,7 @@ def _module_checks(rank, world):
         get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"],
         zigzag_shard(tokens, rank, world, dim=1),
     )
-    q, k, v, dout = (zigzag_shard(x, rank, world) for x in _inputs(seq, seq, 4, 2, head_dim=16))
+    q, k, v, dout = (zigzag_shard(x, rank, world) for x in attention_inputs(seq, seq, 4, 2, head_dim=16))
     # Megatron's fused QKV output [s, b, groups, (heads/groups + 2) * d], split into strided views
     mixed = torch.cat((q.reshape(*q.shape[:2], 2, 32), k, v), dim=-1).requires_grad_(True)
     query, key, value = mixed.split([32, 16, 16], dim=-1)
@@ -291,7 +270,7 @@ def _module_checks(rank, world):
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(context_parallel_size=1)
-    q, k, v, _ = _inputs(seq, seq, 4, 2, head_dim=16)
+    q, k, v, _ = attention_inputs(seq, seq, 4, 2, head_dim=16)
     mask = torch.zeros(BATCH, 1, seq, seq, dtype=torch.bool)
     mask[1, :, :, seq - 3:] = True  # the last three keys of sample 1 are padding
     with torch.no_grad():
@@ -316,8 +295,8 @@ def ring_world(request):
 def test_ring_matches_single_device_attention(ring_world):
     world, results = ring_world
     for i, (causal, heads, groups, dtype, kv_chunk) in enumerate(RING_CASES):
-        full = _inputs(2 * world * CHUNK, 2 * world * kv_chunk, heads, groups, dtype)
-        want_out, _, (want_dq, want_dk, want_dv) = _reference(*full, causal)
+        full = attention_inputs(2 * world * CHUNK, 2 * world * kv_chunk, heads, groups, dtype)
+        want_out, _, (want_dq, want_dk, want_dv) = reference_with_grads(*full, causal)
         tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
         for j, want in enumerate((want_out, want_dq, want_dk, want_dv)):
             got = zigzag_unshard([rank_results["ring"][i][j] for rank_results in results])
@@ -356,8 +335,8 @@ def test_ring_core_attention_module(ring_world):
         pytest.skip("the module runs in the 2-rank world")
     module = [r["module"] for r in results]
     seq = 2 * world * CHUNK
-    full = _inputs(seq, seq, 4, 2, head_dim=16)
-    want_out, _, want_grads = _reference(*full, causal=True)
+    full = attention_inputs(seq, seq, 4, 2, head_dim=16)
+    want_out, _, want_grads = reference_with_grads(*full, causal=True)
     assert all(m["megatron_split"] and m["eval_with_dropout"] for m in module)
     got = [zigzag_unshard([m["cp"][j] for m in module]) for j in range(4)]
     torch.testing.assert_close(got[0], want_out.flatten(2), **FP32_TOL)
@@ -366,5 +345,5 @@ def test_ring_core_attention_module(ring_world):
     torch.testing.assert_close(module[0]["cp1_causal"], want_out.flatten(2), **FP32_TOL)
     mask = torch.zeros(BATCH, 1, seq, seq, dtype=torch.bool)
     mask[1, :, :, seq - 3:] = True
-    want_padded = _reference(*full, causal=False, mask=mask)[0]
+    want_padded = reference_with_grads(*full, causal=False, mask=mask)[0]
     torch.testing.assert_close(module[0]["cp1_padding"], want_padded.flatten(2), **FP32_TOL)
