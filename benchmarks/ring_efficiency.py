@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             })
     return dict(
         machine=_machine(args.device), torch=torch.__version__, dtype=args.dtype,
-        device=args.device, kernel=kernel, seq_len=s, ring_size=ring_size, heads=h, head_dim=d, batch=b,
-        shard_len=s // ring_size, iters=args.iters, warmup=args.warmup, results=rows,
+        device=args.device, kernel=kernel, seq_len=s, ring_size=ring_size, heads=h, head_dim=d,
+        batch=b, shard_len=s // ring_size, iters=args.iters, warmup=args.warmup, results=rows,
     )
 
 

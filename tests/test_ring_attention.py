@@ -242,7 +242,8 @@ def _module_checks(rank, world):
         get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"],
         zigzag_shard(tokens, rank, world, dim=1),
     )
-    q, k, v, dout = (zigzag_shard(x, rank, world) for x in attention_inputs(seq, seq, 4, 2, head_dim=16))
+    full = attention_inputs(seq, seq, 4, 2, head_dim=16)
+    q, k, v, dout = (zigzag_shard(x, rank, world) for x in full)
     # Megatron's fused QKV output [s, b, groups, (heads/groups + 2) * d], split into strided views
     mixed = torch.cat((q.reshape(*q.shape[:2], 2, 32), k, v), dim=-1).requires_grad_(True)
     query, key, value = mixed.split([32, 16, 16], dim=-1)
