@@ -8,6 +8,8 @@ flash ops. The same comparisons run on the real flash-attn where it and CUDA are
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -112,6 +114,12 @@ def test_kernel_selection_explains_refusals():
         select_kernel(q, "flash_attn")
     with pytest.raises(ValueError, match="cannot run here"):
         ring_attention(q, q, q, kernel="flash_attn")
+    # selection reads only these attributes: a CUDA fp32 q without needing a GPU
+    fp32_on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0", dtype=torch.float32,
+                                   shape=(4, 1, 2, 8))
+    for name in ("auto", "torch"):
+        with pytest.raises(TypeError, match="fp16 or bf16"):
+            select_kernel(fp32_on_cuda, name)
 
 
 def test_flash_attn_names_what_it_cannot_run():

@@ -71,13 +71,12 @@ def select_kernel(q: Tensor, kernel: str = "auto") -> str:
     """The kernel that runs blocks like q ``[s, b, h, d]``: ``kernel`` itself, checked, or for
     ``"auto"`` ``flash_attn`` where it can and ``torch`` otherwise."""
     check_kernel_name(kernel)
+    why = block_kernel_flash_attn.unsupported_reason(q) if kernel != "torch" else ""
     if kernel == "auto":
-        return "flash_attn" if not block_kernel_flash_attn.unsupported_reason(q) else "torch"
-    if kernel == "flash_attn":
-        why = block_kernel_flash_attn.unsupported_reason(q)
-        if why:
-            raise ValueError(f"block kernel 'flash_attn' cannot run here: {why}")
-    if q.is_cuda and q.dtype not in block_kernel_torch.CUDA_DTYPES:
+        kernel = "torch" if why else "flash_attn"
+    elif kernel == "flash_attn" and why:
+        raise ValueError(f"block kernel 'flash_attn' cannot run here: {why}")
+    if kernel == "torch" and q.is_cuda and q.dtype not in block_kernel_torch.CUDA_DTYPES:
         raise TypeError(
             f"flash attention on CUDA takes fp16 or bf16, not {q.dtype}; run fp32 on CPU"
         )
