@@ -50,12 +50,21 @@ def _cpu_device(kwargs: dict) -> dict:
     return kwargs
 
 
-class _CpuTorch:
-    """A view of ``torch`` whose tensor factories map ``device="cuda"`` to the CPU."""
+class CpuTorch:
+    """A view of ``torch`` whose tensor factories map ``device="cuda"`` to the CPU.
+
+    Assigned as a module's ``torch`` name, it redirects that module alone. ``cuda``, when given,
+    replaces what the module sees as ``torch.cuda``.
+    """
 
     _FACTORIES = ("zeros", "ones", "empty", "tensor", "full")
 
+    def __init__(self, cuda=None):
+        self._cuda = cuda
+
     def __getattr__(self, name):
+        if name == "cuda" and self._cuda is not None:
+            return self._cuda
         attr = getattr(torch, name)
         if name in self._FACTORIES:
             return functools.wraps(attr)(lambda *a, **k: attr(*a, **_cpu_device(k)))
@@ -72,7 +81,7 @@ def _redirect_cuda_factories() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     for module in (schedules, optimizer, clip_grads, moe_utils, utils):
-        module.torch = _CpuTorch()
+        module.torch = CpuTorch()
 
 
 def _route_default_causal_mask_to_cpu() -> None:

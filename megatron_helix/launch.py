@@ -35,7 +35,7 @@ from megatron_helix.arguments import (
     uses_helix,
 )
 
-USAGE = "usage: python -m megatron_helix.launch SCRIPT.py [script arguments...]"
+USAGE = "usage: python -m megatron_helix.launch [--cpu] SCRIPT.py [script arguments...]"
 
 #: The layer spec computed for this run; ``args.spec`` names it (Megatron imports it by name).
 launched_layer_spec = None
@@ -53,6 +53,13 @@ def _route_spec_through_megatron(args: argparse.Namespace) -> None:
     args.spec = list(LAUNCHED_SPEC)
 
 
+def is_patched() -> bool:
+    """Whether the imported Megatron-LM tree carries ``patches/`` (its hooks are in place)."""
+    from megatron.training import initialize
+
+    return hasattr(initialize, "apply_helix_args")
+
+
 def install_hooks() -> None:
     """Wrap Megatron-LM's parse, validate and seed steps with the helix hooks.
 
@@ -62,7 +69,7 @@ def install_hooks() -> None:
     """
     from megatron.training import arguments, initialize
 
-    if hasattr(initialize, "apply_helix_args"):
+    if is_patched():
         raise RuntimeError(
             "this Megatron-LM tree already carries the megatron_helix patch: run the script "
             "directly instead of through megatron_helix.launch"
@@ -97,8 +104,15 @@ def install_hooks() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m megatron_helix.launch SCRIPT.py ARGS...``: hooks, then the script."""
+    """``python -m megatron_helix.launch [--cpu] SCRIPT.py ARGS...``: hooks, then the script.
+
+    ``--cpu`` runs the script on CPU gloo ranks (``megatron_helix.megatron_lm_cpu``, for tests
+    and demos). On a tree that carries the patch only ``--cpu`` makes sense: the patch already
+    calls the helix hooks.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    cpu = bool(argv) and argv[0] == "--cpu"
+    argv = argv[1:] if cpu else argv
     if not argv or not argv[0].endswith(".py") or not os.path.isfile(argv[0]):
         raise SystemExit(
             f"{USAGE}\n(got {argv[0] if argv else 'nothing'}: the first argument must be a "
@@ -108,7 +122,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Before any megatron import: the script's tree provides megatron.training.
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script, *argv[1:]]
-    install_hooks()
+    if not (cpu and is_patched()):
+        install_hooks()
+    if cpu:
+        from megatron_helix.megatron_lm_cpu import enable_megatron_lm_cpu_execution
+
+        enable_megatron_lm_cpu_execution()
     runpy.run_path(script, run_name="__main__")
 
 

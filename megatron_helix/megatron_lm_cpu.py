@@ -1,0 +1,210 @@
+"""Run Megatron-LM's training loop (``pretrain_gpt.py``) on CPU gloo ranks: for tests and demos.
+
+This is *CPU testing support*, never a way to train: it lets CI and a newcomer without a GPU run
+Megatron-LM's own ``pretrain_gpt.py`` end to end and compare a helix run's loss curve with one
+rank's. ``enable_megatron_lm_cpu_execution()`` refuses to run where CUDA exists, so nothing
+here can reach the GPU path.
+
+Beside the megatron-core points of ``megatron_helix.cpu``, Megatron-LM core_v0.16.1 touches CUDA
+in its training loop where the math does not care:
+
+- ``initialize_megatron`` asserts ``torch.cuda.is_available()``; ``_initialize_distributed``
+  builds the model-parallel groups and ``_set_random_seed`` seeds the model-parallel RNG only
+  when ``torch.cuda.device_count() > 0``, after ``torch.cuda.set_device``;
+- ``_compile_dependencies`` builds the fused kernels with ``nvcc`` (the dataset helpers, which
+  are needed, build with the host compiler) and ``set_jit_fusion_options`` warms the fusions up
+  on ``device="cuda"``;
+- ``training.py`` and ``utils.py`` make ``device='cuda'`` bookkeeping tensors (loss and grad-norm
+  reductions, timers, flags), call ``model.cuda()`` and ``.cuda()`` on every batch, and set up
+  DDP on a side CUDA stream; ``validate_args`` asks the GPU's architecture when TP > 1;
+- the rerun state machine saves and restores the CUDA RNG state.
+
+Each is redirected below to its CPU meaning: the CPU is "device 0" of one device, ``.cuda()``
+keeps a tensor where it is, streams are the default (CPU) stream, and the CUDA RNG state is
+the CPU generator's, so Megatron's RNG tracker forks and restores a real stream (attention
+dropout and activation recomputation replay the same masks). Settings the CPU cannot honour
+are set in ``CPU_SETTINGS`` with the reason, and printed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+from typing import Callable, Tuple
+
+import torch
+
+from megatron_helix.cpu import CpuTorch, enable_cpu_execution
+
+#: Megatron-LM arguments the CPU mode sets: (attribute, value, flag as a user writes it, why).
+CPU_SETTINGS: Tuple[Tuple[str, object, str, str], ...] = (
+    ("distributed_backend", "gloo", "--distributed-backend gloo", "NCCL needs GPUs"),
+    ("gradient_accumulation_fusion", False, "--no-gradient-accumulation-fusion",
+     "the fused weight-gradient kernel is a CUDA extension"),
+    ("no_persist_layer_norm", True, "--no-persist-layer-norm", "apex's persistent kernel is CUDA"),
+    ("masked_softmax_fusion", False, "--no-masked-softmax-fusion", "a CUDA kernel"),
+    ("bias_gelu_fusion", False, "--no-bias-gelu-fusion", "a CUDA fusion"),
+    ("bias_swiglu_fusion", False, "--no-bias-swiglu-fusion", "a CUDA fusion"),
+    ("bias_dropout_fusion", False, "--no-bias-dropout-fusion", "a CUDA fusion"),
+    ("apply_rope_fusion", False, "--no-rope-fusion", "the fused RoPE is Transformer Engine's"),
+    ("rerun_mode", "disabled", "--rerun-mode disabled", "the rerun state machine is for GPUs"),
+)
+
+logger = logging.getLogger(__name__)
+_ENABLED = False
+
+
+def apply_cpu_settings(args: argparse.Namespace) -> None:
+    """Set ``CPU_SETTINGS`` on parsed Megatron-LM args (before ``validate_args``); say which
+    changed, once, on rank 0."""
+    changed = []
+    for attr, value, flag, why in CPU_SETTINGS:
+        if hasattr(args, attr) and getattr(args, attr) != value:
+            setattr(args, attr, value)
+            changed.append(f"{flag} ({why})")
+    if changed and getattr(args, "rank", 0) == 0:
+        print("megatron_helix CPU mode sets: " + "; ".join(changed), flush=True)
+
+
+class _CpuStream:
+    """The one (CPU) stream: every wait is already satisfied."""
+
+    def wait_stream(self, stream) -> None:
+        del stream
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CpuCuda:
+    """What Megatron-LM's training modules see as ``torch.cuda``: one device, the CPU.
+
+    Names not redefined here are ``torch.cuda``'s own.
+    """
+
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    current_device = staticmethod(lambda: "cpu")
+    set_device = staticmethod(lambda device: None)
+    synchronize = staticmethod(lambda *args, **kwargs: None)
+    empty_cache = staticmethod(lambda: None)
+    Stream = staticmethod(lambda *args, **kwargs: _CpuStream())
+    current_stream = staticmethod(lambda *args, **kwargs: _CpuStream())
+    stream = staticmethod(lambda stream: contextlib.nullcontext())
+    get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
+    manual_seed = staticmethod(torch.manual_seed)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _view_torch_as_cpu(*modules) -> None:
+    view = CpuTorch(cuda=_CpuCuda())
+    for module in modules:
+        module.torch = view
+
+
+def _compile_dataset_helpers_only() -> None:
+    """``_compile_dependencies`` without the CUDA fused kernels: the dataset index helpers
+    (host C++) on rank 0, then a barrier.
+
+    Megatron's Makefile asks ``python3-config`` and ``python3 -m pybind11`` from ``PATH``, which
+    under pyenv or a venv can be another Python than the one running (a tree's
+    ``.python-version`` selects it); the extension suffix and include paths are therefore given
+    for the running interpreter.
+    """
+    import subprocess
+    import sys
+    import sysconfig
+
+    import pybind11
+    from megatron.core import datasets
+
+    if torch.distributed.get_rank() == 0:
+        includes = f"-I{sysconfig.get_paths()['include']} -I{pybind11.get_include()}"
+        command = ["make", "-C", os.path.dirname(os.path.abspath(datasets.__file__)),
+                   f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}", f"CPPFLAGS={includes}"]
+        if subprocess.run(command).returncode != 0:
+            sys.exit(f"megatron_helix CPU mode: '{' '.join(command)}' failed to build "
+                     f"Megatron's dataset helpers")
+    torch.distributed.barrier()
+
+
+def _keep_on_cpu(self, *args, **kwargs):
+    """``Tensor.cuda`` / ``Module.cuda`` without CUDA: the object stays where it is."""
+    return self
+
+
+def enable_megatron_lm_cpu_execution() -> None:
+    """Redirect Megatron-LM's (and megatron-core's) CUDA touch points to the CPU. Idempotent.
+
+    Call after ``sys.path`` puts the Megatron-LM tree first and before its script runs.
+
+    Raises:
+        RuntimeError: CUDA is available (the CPU mode is for machines without a GPU).
+    """
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "megatron_helix's CPU mode is for machines without a GPU, and CUDA is available "
+            "here: run the script without --cpu"
+        )
+    enable_cpu_execution()
+    from megatron.core import rerun_state_machine
+    from megatron.core.tensor_parallel import random
+    from megatron.training import arguments, initialize, training, utils
+
+    _view_torch_as_cpu(initialize, training, utils, rerun_state_machine)
+    _route_rng_tracker_to_cpu_generator(random)
+    initialize._compile_dependencies = _compile_dataset_helpers_only
+    training.set_jit_fusion_options = lambda: None
+    arguments.get_device_arch_version = lambda: 0
+    initialize.validate_args = _applying_cpu_settings(initialize.validate_args)
+    initialize.initialize_megatron = _allowing_no_cuda(initialize.initialize_megatron)
+    training.initialize_megatron = initialize.initialize_megatron
+    torch.Tensor.cuda = _keep_on_cpu
+    torch.nn.Module.cuda = _keep_on_cpu
+    _ENABLED = True
+
+
+def _applying_cpu_settings(validate_args: Callable) -> Callable:
+    @functools.wraps(validate_args)
+    def wrapped(args, *rest, **kwargs):
+        apply_cpu_settings(args)
+        return validate_args(args, *rest, **kwargs)
+
+    return wrapped
+
+
+def _allowing_no_cuda(initialize_megatron: Callable) -> Callable:
+    @functools.wraps(initialize_megatron)
+    def wrapped(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return initialize_megatron(*args, **kwargs)
+
+    return wrapped
+
+
+def _route_rng_tracker_to_cpu_generator(random) -> None:
+    """Megatron's RNG tracker keeps and swaps *device* generator states; on CPU the device
+    generator is the CPU one, so ``fork()`` swaps the CPU generator's state. Its check that the
+    CPU state did not change inside a fork cannot hold then, and its warning is silenced."""
+
+    def get_state(device=-1, clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    random._get_cuda_rng_state = get_state
+    random._set_cuda_rng_state = set_state
+    random.torch = CpuTorch(cuda=_CpuCuda())
+    logging.getLogger(random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
