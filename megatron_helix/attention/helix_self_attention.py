@@ -44,6 +44,41 @@ def _tolerate_uneven_tp_heads():
         megatron_attention.divide = original
 
 
+def _in_helix_order(init_method, dim: int, permutation: list):
+    """``init_method`` followed, on a *full* weight, by the standard -> helix reordering.
+
+    With ``use_cpu_initialization`` Megatron draws each full weight and hands rank ``r`` its
+    ``r``-th contiguous block along the partition dim: reordered first, that block holds rank
+    ``r``'s helix rows (or columns), so a helix run holds exactly the one-device model. A
+    per-rank draw (GPU initialization) has the local shape and is left as drawn.
+    """
+
+    def init(weight: Tensor) -> None:
+        init_method(weight)
+        if weight.shape[dim] == len(permutation):
+            index = torch.tensor(permutation, device=weight.device)
+            with torch.no_grad():
+                weight.copy_(weight.index_select(dim, index))
+
+    return init
+
+
+@contextlib.contextmanager
+def _drawing_in_helix_order(config: TransformerConfig, layout: HelixLayout):
+    """During ``Attention.__init__``: QKV rows and projection input columns drawn in helix order.
+
+    ``SelfAttention`` builds ``linear_qkv`` with ``config.init_method`` and ``linear_proj``
+    with ``config.output_layer_init_method``; both are wrapped for the construction only.
+    """
+    saved = config.init_method, config.output_layer_init_method
+    config.init_method = _in_helix_order(saved[0], 0, layout.qkv_row_permutation())
+    config.output_layer_init_method = _in_helix_order(saved[1], 1, layout.proj_col_permutation())
+    try:
+        yield
+    finally:
+        config.init_method, config.output_layer_init_method = saved
+
+
 class HelixSelfAttention(SelfAttention):
     """Self-attention with helix ``(m, n)`` partitioning over the tensor-parallel group.
 
@@ -68,7 +103,7 @@ class HelixSelfAttention(SelfAttention):
             config.kv_channels, rope_pairing(position_embedding_type, config.rotary_interleaved),
         )
         _refuse_unsupported(config, submodules, m)
-        with _tolerate_uneven_tp_heads():
+        with _tolerate_uneven_tp_heads(), _drawing_in_helix_order(config, self.helix_layout):
             super().__init__(
                 config, submodules, layer_number, attn_mask_type=attn_mask_type,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
