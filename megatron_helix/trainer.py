@@ -87,14 +87,14 @@ def transformer_config(args, dtype: torch.dtype):
     """Megatron's ``TransformerConfig`` for the trainer's flags (helix sizes already applied)."""
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_helix.config import helix_transformer_config
+    from megatron_helix.config import HelixTransformerConfig
 
     moe = dict(
         num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
         moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
     ) if args.num_experts else {}
     on_cpu = not torch.cuda.is_available()
-    return helix_transformer_config(
+    return HelixTransformerConfig(
         helix_m=args.helix_m,
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
