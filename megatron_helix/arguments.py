@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.strategy import STRATEGIES
@@ -153,6 +154,9 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
             f"--spec {' '.join(spec)} would replace the helix layer spec; drop --spec (the "
             f"helix flags choose the spec) or use one from megatron_helix.specs"
         )
+    softmax = getattr(args, "softmax_type", "vanilla")
+    if softmax not in (None, "vanilla"):
+        problems.append(f"--softmax-type {softmax}: helix attention supports vanilla softmax")
     kind = getattr(args, "position_embedding_type", "learned_absolute")
     if kind in ("mrope", "relative"):
         problems.append(
@@ -174,6 +178,41 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
         for attr, flag in _WHOLE_HEAD
         if getattr(args, attr, False)
     ]
+    return problems
+
+
+def _ring_errors(args: argparse.Namespace, ring: int) -> List[str]:
+    """What the ring core attention refuses at run time, said at argument time."""
+    problems = []
+    dropout = getattr(args, "attention_dropout", 0.0)
+    if dropout:
+        problems.append(
+            f"--attention-dropout {dropout} with --helix-ring-size {ring}: the ring attention "
+            f"has no dropout (Megatron-LM's default is 0.1); set --attention-dropout 0"
+        )
+    comm = getattr(args, "cp_comm_type", None) or ["p2p"]
+    comm = [comm] if isinstance(comm, str) else comm
+    if any(kind != "p2p" for kind in comm):
+        problems.append(
+            f"--cp-comm-type {' '.join(comm)} with --helix-ring-size {ring}: the helix ring is "
+            f"the p2p ring; use --cp-comm-type p2p"
+        )
+    if getattr(args, "window_size", None) is not None:
+        problems.append(
+            f"--window-size with --helix-ring-size {ring}: the ring attention has no sliding "
+            f"window; drop --window-size or the ring"
+        )
+    m, n = args.helix_m, args.helix_n
+    heads = getattr(args, "num_attention_heads", None)
+    if m > 1 and heads:
+        groups = _model_shape(args)["num_query_groups"]
+        if (heads // n) % m or (groups // n) % m:
+            problems.append(
+                f"--helix-ring-size {ring} with --helix-m {m}: the ring attends whole heads, so "
+                f"each head group's {heads // n} heads and {groups // n} key/value heads "
+                f"(--helix-n {n}) must divide by --helix-m {m}; use --helix-m 1 or a --helix-n "
+                f"that leaves multiples of {m}"
+            )
     return problems
 
 
@@ -299,6 +338,8 @@ def apply_helix_args(
         problems.append("--helix-cache-budget needs --helix-layerwise")
     if uses_helix(args):
         problems += _attention_errors(args)
+    if cp > 1 and uses_helix(args):
+        problems += _ring_errors(args, cp)
 
     # An unknown world size checks only the shape: the smallest world holding the layout.
     world = world_size or _world_size(args) or m * n * cp * pp
@@ -348,8 +389,20 @@ def initialize_helix_from_args(args: argparse.Namespace) -> None:
 
     from megatron_helix.parallel_state import build_helix_groups, helix_manual_seed
 
-    build_helix_groups(args.helix_m, args.helix_n)
+    timeout = timedelta(minutes=getattr(args, "distributed_timeout_minutes", 10))
+    build_helix_groups(args.helix_m, args.helix_n, timeout=timeout)
     helix_manual_seed(args.seed + 100 * mpu.get_pipeline_model_parallel_rank())
+
+
+def helix_config_class(args: argparse.Namespace):
+    """The ``config_class`` for Megatron-LM's ``core_transformer_config_from_args``:
+    ``HelixTransformerConfig`` when the model uses helix attention, else None (Megatron's
+    own choice). Imported here, not at the top, so that parsing flags never imports torch."""
+    if not uses_helix(args):
+        return None
+    from megatron_helix.config import HelixTransformerConfig
+
+    return HelixTransformerConfig
 
 
 def helix_spec_from_args(args: argparse.Namespace):
@@ -377,6 +430,7 @@ __all__ = [
     "add_helix_args",
     "apply_helix_args",
     "helix_args_provider",
+    "helix_config_class",
     "helix_spec_from_args",
     "initialize_helix_from_args",
     "rope_pairing_from_args",

@@ -10,6 +10,7 @@ path. Everything numerical (linear layers, softmax, collectives) stays megatron-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -40,8 +41,55 @@ def enable_cpu_execution() -> bool:
     _define_missing_moe_gemm_name()
     _allow_sequence_parallel_torch_norm()
     _select_cp_rotary_positions_on_cpu()
+    _give_the_moe_dispatcher_the_cpu_stream()
+    _clip_cpu_grads()
     logger.info("megatron_helix: megatron-core patched for CPU execution")
     return True
+
+
+class _CpuStream:
+    """The one (CPU) stream, and its events: work is done when it is issued."""
+
+    def wait_stream(self, stream) -> None:
+        del stream
+
+    def wait_event(self, event) -> None:
+        del event
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+class CpuCuda:
+    """What a redirected module sees as ``torch.cuda``: one device, the CPU, and one stream.
+
+    Names not redefined here are ``torch.cuda``'s own.
+    """
+
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    current_device = staticmethod(lambda: "cpu")
+    set_device = staticmethod(lambda device: None)
+    synchronize = staticmethod(lambda *args, **kwargs: None)
+    empty_cache = staticmethod(lambda: None)
+    Stream = staticmethod(lambda *args, **kwargs: _CPU_STREAM)
+    current_stream = staticmethod(lambda *args, **kwargs: _CPU_STREAM)
+    stream = staticmethod(lambda stream: contextlib.nullcontext())
+    get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
+    manual_seed = staticmethod(torch.manual_seed)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
 
 
 def _cpu_device(kwargs: dict) -> dict:
@@ -82,6 +130,43 @@ def _redirect_cuda_factories() -> None:
 
     for module in (schedules, optimizer, clip_grads, moe_utils, utils):
         module.torch = CpuTorch()
+
+
+def _give_the_moe_dispatcher_the_cpu_stream() -> None:
+    """The all-to-all token dispatcher copies its split sizes to the host (as numpy arrays, which
+    the collectives take as split sizes) on a side CUDA stream. On CPU the side stream is the one
+    stream, and a host tensor still becomes the numpy array the dispatcher asked for."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.torch = CpuTorch(cuda=CpuCuda())
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _clip_cpu_grads() -> None:
+    """``clip_grad_by_total_norm_fp32`` asserts that every gradient is a
+    ``torch.cuda.FloatTensor``; on CPU the same fp32 gradients are scaled by the same
+    ``max_norm / (total_norm + 1e-6)`` when that is below 1."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    original = clip_grads.clip_grad_by_total_norm_fp32
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if use_decoupled_grad:
+            return original(parameters, max_norm, total_norm, use_decoupled_grad)
+        grads = [param.grad.detach() for param in parameters if param.grad is not None]
+        if any(grad.dtype != torch.float32 for grad in grads):
+            raise TypeError("clip_grad_by_total_norm_fp32 expects fp32 gradients")
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 def _route_default_causal_mask_to_cpu() -> None:

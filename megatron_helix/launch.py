@@ -13,7 +13,9 @@ wrapped the points of Megatron-LM core_v0.16.1 that ``patches/`` edits:
 - ``initialize.validate_args`` runs ``apply_helix_args`` first, then points ``args.spec`` at
   the helix layer spec, which Megatron's ``--spec`` lookup (``vars(module)[name]`` on
   ``launched_layer_spec`` below) hands to ``gpt_builders`` unchanged;
-- ``initialize._set_random_seed`` is followed by ``initialize_helix_from_args``.
+- ``initialize._set_random_seed`` is followed by ``initialize_helix_from_args``;
+- ``megatron.training.arguments.core_transformer_config_from_args`` builds the config with
+  ``helix_config_class`` (before the script's ``from ... import`` binds the name).
 
 ``initialize_megatron`` looks these names up in its module at call time, which is what makes
 this work without editing files; it is also why the launcher is tied to one release.
@@ -30,6 +32,7 @@ from typing import List, Optional
 from megatron_helix.arguments import (
     apply_helix_args,
     helix_args_provider,
+    helix_config_class,
     helix_spec_from_args,
     initialize_helix_from_args,
     uses_helix,
@@ -57,7 +60,7 @@ def is_patched() -> bool:
     """Whether the imported Megatron-LM tree carries ``patches/`` (its hooks are in place)."""
     from megatron.training import initialize
 
-    return hasattr(initialize, "apply_helix_args")
+    return hasattr(initialize, "helix_hooks")
 
 
 def install_hooks() -> None:
@@ -98,7 +101,13 @@ def install_hooks() -> None:
 
         initialize_helix_from_args(get_args())
 
+    build_config = arguments.core_transformer_config_from_args
+
+    def core_transformer_config_from_args(args, config_class=None):
+        return build_config(args, config_class or helix_config_class(args))
+
     arguments.parse_args = initialize.parse_args = parse_args
+    arguments.core_transformer_config_from_args = core_transformer_config_from_args
     initialize.validate_args = validate_args
     initialize._set_random_seed = set_random_seed
 

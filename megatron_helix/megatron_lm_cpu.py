@@ -29,7 +29,6 @@ are set in ``CPU_SETTINGS`` with the reason, and printed once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import os
@@ -37,7 +36,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from megatron_helix.cpu import CpuTorch, enable_cpu_execution
+from megatron_helix.cpu import CpuCuda, CpuTorch, enable_cpu_execution
 
 #: Megatron-LM arguments the CPU mode sets: (attribute, value, flag as a user writes it, why).
 CPU_SETTINGS: Tuple[Tuple[str, object, str, str], ...] = (
@@ -69,41 +68,8 @@ def apply_cpu_settings(args: argparse.Namespace) -> None:
         print("megatron_helix CPU mode sets: " + "; ".join(changed), flush=True)
 
 
-class _CpuStream:
-    """The one (CPU) stream: every wait is already satisfied."""
-
-    def wait_stream(self, stream) -> None:
-        del stream
-
-    def synchronize(self) -> None:
-        pass
-
-
-class _CpuCuda:
-    """What Megatron-LM's training modules see as ``torch.cuda``: one device, the CPU.
-
-    Names not redefined here are ``torch.cuda``'s own.
-    """
-
-    is_available = staticmethod(lambda: True)
-    device_count = staticmethod(lambda: 1)
-    current_device = staticmethod(lambda: "cpu")
-    set_device = staticmethod(lambda device: None)
-    synchronize = staticmethod(lambda *args, **kwargs: None)
-    empty_cache = staticmethod(lambda: None)
-    Stream = staticmethod(lambda *args, **kwargs: _CpuStream())
-    current_stream = staticmethod(lambda *args, **kwargs: _CpuStream())
-    stream = staticmethod(lambda stream: contextlib.nullcontext())
-    get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
-    set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
-    manual_seed = staticmethod(torch.manual_seed)
-
-    def __getattr__(self, name):
-        return getattr(torch.cuda, name)
-
-
 def _view_torch_as_cpu(*modules) -> None:
-    view = CpuTorch(cuda=_CpuCuda())
+    view = CpuTorch(cuda=CpuCuda())
     for module in modules:
         module.torch = view
 
@@ -204,7 +170,7 @@ def _route_rng_tracker_to_cpu_generator(random) -> None:
 
     random._get_cuda_rng_state = get_state
     random._set_cuda_rng_state = set_state
-    random.torch = CpuTorch(cuda=_CpuCuda())
+    random.torch = CpuTorch(cuda=CpuCuda())
     logging.getLogger(random.__name__).addFilter(
         lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
     )

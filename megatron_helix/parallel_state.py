@@ -14,6 +14,7 @@ The ring (context-parallel) group is Megatron's own CP group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import List, Optional
 
 import torch
@@ -64,10 +65,12 @@ def initialize_helix(
     return dims
 
 
-def build_helix_groups(m: int, n: int) -> None:
+def build_helix_groups(m: int, n: int, timeout: Optional[timedelta] = None) -> None:
     """Create slice and head-group groups inside every existing tensor-parallel group.
 
-    Collective over the default group: every rank creates every group in the same order.
+    Collective over the default group: every rank creates every group in the same order, with
+    the default group's backend and ``timeout`` (Megatron's ``--distributed-timeout-minutes``;
+    None keeps torch's default).
     """
     global _GROUPS
     tp_size = mpu.get_tensor_model_parallel_world_size()
@@ -86,12 +89,12 @@ def build_helix_groups(m: int, n: int) -> None:
     for tp_ranks in tp_groups:
         for g in range(n):
             ranks = list(tp_ranks[g * m : (g + 1) * m])
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 mine["slice"] = (group, ranks)
         for j in range(m):
             ranks = [tp_ranks[g * m + j] for g in range(n)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 mine["head_group"] = (group, ranks)
     _GROUPS = _HelixGroups(m, n, *mine["slice"], *mine["head_group"])

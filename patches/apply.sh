@@ -4,7 +4,7 @@
 # usage: patches/apply.sh MEGATRON_LM_DIR
 #
 # Accepts a git checkout whose HEAD is the tag's commit, or a source tree without .git (a
-# release tarball) whose megatron/core/package_info.py says 0.16.1 and whose three patched
+# release tarball) whose megatron/core/package_info.py says 0.16.1 and whose patched
 # files are byte-identical to the tag's. Refuses, changing nothing, when the tree is another
 # release, already patched, or does not take the patch cleanly.
 # Exit status: 0 applied, 1 refused, 2 usage.
@@ -18,6 +18,7 @@ TAG_BLOBS=(
     "dfe41f7b88e4ed7f052ec62feaaeb3b578620973 gpt_builders.py"
     "c150ac3d5cad8c41b69c11bcff5ac6301f42c6a9 megatron/training/initialize.py"
     "04d05038b20907d9b0a8f650fbe9582fa1f4e055 megatron/training/inprocess_restart.py"
+    "46f3c28b1dae1ac20535fe1c92a8fc3bb59c9270 megatron/training/arguments.py"
 )
 PATCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/megatron-lm-$TAG.patch"
 

@@ -13,4 +13,8 @@ GLOBAL_BATCH=1024
 MODEL_ARGS=(--num-layers "$NUM_LAYERS" --hidden-size 8192 --num-attention-heads 16
     --kv-channels 512 --ffn-hidden-size 32768 --seq-length 10000 --max-position-embeddings 10000)
 PROPOSED_ARGS=(--helix-m 4 --helix-n 4)
+# CPU_TWIN=1 (common.sh): same flags, tiny shapes, 4 ranks.
+TWIN_MODEL_ARGS=(--num-layers "$NUM_LAYERS" --hidden-size 64 --num-attention-heads 4
+    --kv-channels 32 --ffn-hidden-size 256 --seq-length 64 --max-position-embeddings 64)
+TWIN_PROPOSED_ARGS=(--helix-m 2 --helix-n 2)
 run_recipe "${1:-}"

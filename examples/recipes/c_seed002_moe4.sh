@@ -16,4 +16,10 @@ MODEL_ARGS=(--num-layers 4 --hidden-size 8192 --num-attention-heads 16 --kv-chan
     --num-experts 8 --moe-router-topk 2 --moe-token-dispatcher-type alltoall
     --moe-aux-loss-coeff 1e-2 --expert-model-parallel-size 8 --expert-tensor-parallel-size 1)
 PROPOSED_ARGS=(--helix-m 4 --helix-n 4)
+# CPU_TWIN=1 (common.sh): same flags, tiny shapes, 4 ranks.
+TWIN_MODEL_ARGS=(--num-layers 4 --hidden-size 64 --num-attention-heads 4 --kv-channels 32
+    --ffn-hidden-size 256 --seq-length 64 --max-position-embeddings 64
+    --num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall
+    --moe-aux-loss-coeff 1e-2 --expert-model-parallel-size 4 --expert-tensor-parallel-size 1)
+TWIN_PROPOSED_ARGS=(--helix-m 2 --helix-n 2)
 run_recipe "${1:-}"

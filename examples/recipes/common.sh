@@ -18,6 +18,11 @@
 #   TRANSFORMER_IMPL  transformer_engine (default) | local, the same for every layout
 #   EXTRA_ARGS        appended verbatim to every layout (e.g. "--helix-score-strategy allreduce")
 #   DRY_RUN=1         print the command instead of running it
+#   CPU_TWIN=1        run the recipe's CPU-sized twin instead (no GPU needed, proposed layout
+#                     only): the same flags with the recipe's TWIN_MODEL_ARGS (tiny shapes) and
+#                     TWIN_PROPOSED_ARGS, on 4 gloo ranks of this machine, fp32 (the CPU mode
+#                     has no fp16/bf16), local layers, 3 iterations, through
+#                     `python -m megatron_helix.launch --cpu` (tests run it in CI)
 
 : "${NNODES:=2}" "${GPUS_PER_NODE:=8}" "${MASTER_PORT:=6000}"
 : "${LAUNCH:=patched}" "${MICRO_BATCH:=1}" "${TRAIN_ITERS:=20}" "${LOG_INTERVAL:=1}"
@@ -61,11 +66,25 @@ _launcher() {
     esac
 }
 
+_cpu_twin() {
+    [[ "$1" == proposed ]] || _die "CPU_TWIN runs the proposed layout only (got '$1')"
+    MODEL_ARGS=("${TWIN_MODEL_ARGS[@]}")
+    LAYOUT_ARGS=("${TWIN_PROPOSED_ARGS[@]}")
+    GLOBAL_BATCH=4 TRAIN_ITERS=3 TRANSFORMER_IMPL=local PRECISION_ARGS=()
+    local script="$MEGATRON_LM_DIR/pretrain_gpt.py"
+    [[ -f "$script" ]] || _die "no pretrain_gpt.py in MEGATRON_LM_DIR=$MEGATRON_LM_DIR"
+    LAUNCHER=(torchrun --standalone --nproc-per-node 4 -m megatron_helix.launch --cpu "$script")
+}
+
 run_recipe() {
     : "${MEGATRON_LM_DIR:?set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout}"
-    _layout_args "${1:-}"
-    _precision_args
-    _launcher
+    if [[ "${CPU_TWIN:-0}" == 1 ]]; then
+        _cpu_twin "${1:-}"
+    else
+        _layout_args "${1:-}"
+        _precision_args
+        _launcher
+    fi
     local common=(
         --mock-data --tokenizer-type NullTokenizer --vocab-size 50257
         --position-embedding-type rope
@@ -73,7 +92,7 @@ run_recipe() {
         --global-batch-size "$GLOBAL_BATCH" --micro-batch-size "$MICRO_BATCH"
         --sequence-parallel
         --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
-        --train-iters "$TRAIN_ITERS" --eval-iters 0
+        --train-iters "$TRAIN_ITERS" --eval-iters 0 --eval-interval 1000
         --lr 1.0e-4 --min-lr 1.0e-5 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
         --log-interval "$LOG_INTERVAL" --log-throughput --distributed-timeout-minutes 30
     )
@@ -85,6 +104,7 @@ run_recipe() {
         echo
         return
     fi
+    [[ "${CPU_TWIN:-0}" == 1 ]] && exec "${cmd[@]}"
     : "${NODE_RANK:?set NODE_RANK (0 or 1)}"
     : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
     exec "${cmd[@]}"

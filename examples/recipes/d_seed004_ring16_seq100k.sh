@@ -4,6 +4,9 @@
 # (--helix-ring-size 16 = context-parallel size 16, 6250 tokens per rank). The seed's
 # baseline (TP=8 x PP=2, no sequence split) holds whole 100,000-token sequences per
 # pipeline stage; it may not fit in memory, which is part of what the comparison shows.
+# Changes Megatron-LM's default --attention-dropout 0.1 to 0, for every layout: the ring
+# attention has no dropout (refused at argument time otherwise), and the layouts must train
+# the same model.
 #
 # usage: d_seed004_ring16_seq100k.sh {proposed|tp8pp2|tp16}     (environment: see common.sh)
 set -euo pipefail
@@ -12,6 +15,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${PRECISION:=bf16}"
 GLOBAL_BATCH=128
 MODEL_ARGS=(--num-layers 16 --hidden-size 4096 --num-attention-heads 32 --kv-channels 128
-    --ffn-hidden-size 16384 --seq-length 100000 --max-position-embeddings 100000)
+    --ffn-hidden-size 16384 --seq-length 100000 --max-position-embeddings 100000
+    --attention-dropout 0)
 PROPOSED_ARGS=(--helix-ring-size 16)
+# CPU_TWIN=1 (common.sh): same flags, tiny shapes, 4 ranks.
+TWIN_MODEL_ARGS=(--num-layers 4 --hidden-size 64 --num-attention-heads 8 --kv-channels 8
+    --ffn-hidden-size 256 --seq-length 128 --max-position-embeddings 128 --attention-dropout 0)
+TWIN_PROPOSED_ARGS=(--helix-ring-size 4)
 run_recipe "${1:-}"

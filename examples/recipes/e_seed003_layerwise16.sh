@@ -18,4 +18,8 @@ GLOBAL_BATCH=128
 MODEL_ARGS=(--num-layers 16 --hidden-size 4096 --num-attention-heads 32 --kv-channels 128
     --ffn-hidden-size 16384 --seq-length 10000 --max-position-embeddings 10000)
 PROPOSED_ARGS=(--helix-layerwise --helix-cache-budget "$CACHE_BUDGET")
+# CPU_TWIN=1 (common.sh): same flags, tiny shapes, 4 ranks.
+TWIN_MODEL_ARGS=(--num-layers 4 --hidden-size 64 --num-attention-heads 8 --kv-channels 8
+    --ffn-hidden-size 256 --seq-length 64 --max-position-embeddings 64)
+TWIN_PROPOSED_ARGS=(--helix-layerwise --helix-cache-budget "$CACHE_BUDGET")
 run_recipe "${1:-}"

@@ -1,0 +1,146 @@
+"""Megatron-LM's own ``pretrain_gpt.py`` (vendored core_v0.16.1, patched) trains every helix
+layout on Megatron's own initialization, and its loss curve equals one rank's.
+
+fp32, 5 iterations, mock data, gloo ranks in the CPU mode, ``--use-cpu-initialization`` (Megatron
+draws each full weight and splits it; the helix attention reorders the draw so a rank holds
+its helix rows of the same weight). Megatron seeds pipeline stage ``p`` with ``seed + 100 p``,
+so no pipeline layout equals one rank under Megatron's initialization; helix inside a
+pipeline is compared with Megatron's own pipeline of the same depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.megatron_lm import (
+    ROOT, assert_same_curve, environment, losses, patch, pretrain, unpack,
+)
+
+GQA_2 = ["--num-query-groups", "2"]
+HEADS_6 = ["--num-attention-heads", "6", "--num-query-groups", "6", "--hidden-size", "48"]
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear"]
+PP_2 = ["--pipeline-model-parallel-size", "2"]
+
+#: name -> (ranks, helix flags, reference ranks, reference flags)
+LAYOUTS = {
+    "helix 2x2": (4, ["--helix-m", "2", "--helix-n", "2"], 1, []),
+    "helix 4x1": (4, ["--helix-m", "4", "--helix-n", "1"], 1, []),
+    "helix 1x4": (4, ["--helix-m", "1", "--helix-n", "4"], 1, []),
+    "helix 2x2, 6 heads": (4, ["--helix-m", "2", "--helix-n", "2", *HEADS_6], 1, HEADS_6),
+    "helix 2x2, 2 query groups": (4, ["--helix-m", "2", "--helix-n", "2", *GQA_2], 1, GQA_2),
+    "ring 2 x helix 2x1": (4, ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1"],
+                           1, []),
+    "PP 2 x helix 2x1": (4, [*PP_2, "--helix-m", "2", "--helix-n", "1"], 2, PP_2),
+    "MoE x helix 2x2": (4, ["--helix-m", "2", "--helix-n", "2", "--sequence-parallel", *MOE],
+                        1, MOE),
+}
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory):
+    return patch(unpack(tmp_path_factory.mktemp("patched")))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return unpack(tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.fixture(scope="module")
+def reference(patched):
+    """The loss curve of a plain Megatron run (memoized per layout)."""
+
+    @functools.lru_cache(maxsize=None)
+    def curve(nproc: int, flags: tuple):
+        return losses(pretrain(patched, nproc, list(flags)))
+
+    return curve
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_helix_layout_trains_the_one_rank_model(name, patched, reference):
+    nproc, flags, ref_nproc, ref_flags = LAYOUTS[name]
+    assert_same_curve(losses(pretrain(patched, nproc, flags)), reference(ref_nproc,
+                                                                          tuple(ref_flags)))
+
+
+def test_the_unpatched_launcher_gives_the_same_curve(pristine, reference):
+    curve = losses(pretrain(pristine, 4, ["--helix-m", "2", "--helix-n", "2"]))
+    assert_same_curve(curve, reference(1, ()))
+
+
+IMPOSSIBLE = {
+    "heads % n": (["--helix-m", "1", "--helix-n", "4", *HEADS_6],
+                  "--helix-n 4 must divide --num-attention-heads 6"),
+    "ring with Megatron's default dropout": (
+        ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1", "--attention-dropout",
+         "0.1"], "--attention-dropout 0.1 with --helix-ring-size 2"),
+    "contradicting TP": (["--helix-m", "2", "--helix-n", "2", "--tensor-model-parallel-size",
+                          "2"], "--tensor-model-parallel-size 2 contradicts --helix-m 2 x "
+                                "--helix-n 2 = 4"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPOSSIBLE))
+def test_impossible_layout_is_refused_on_every_rank_before_any_process_group(
+        name, patched, tmp_path):
+    flags, message = IMPOSSIBLE[name]
+    start = time.monotonic()
+    proc = pretrain(patched, 4, flags, iterations=1, log_dir=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    for rank in range(4):
+        log = "".join(p.read_text() for p in tmp_path.rglob(f"{rank}/stderr.log"))
+        assert message in log, f"rank {rank} did not report: {message}\n{log[-3000:]}"
+        assert "HelixConfigError" in log
+    assert "initializing torch distributed" not in proc.stdout + proc.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s: some rank waited for the others"
+
+
+WITHOUT_PLUGIN = """
+import runpy, sys
+sys.modules["megatron_helix"] = None  # as if it were not installed
+sys.path.insert(0, ".")
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["pretrain_mamba.py", "pretrain_gpt.py"])
+def test_patched_entry_points_run_without_the_plugin(script, patched):
+    env = environment()
+    env["PYTHONPATH"] = ""
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PLUGIN, script], cwd=patched,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--tensor-model-parallel-size" in proc.stdout
+    assert "--helix-m" not in proc.stdout
+
+
+def test_patched_pretrain_gpt_help_lists_the_helix_flags(patched):
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", "--help"], cwd=patched,
+                          capture_output=True, text=True, timeout=300, env=environment())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for flag in ("--helix-m", "--helix-n", "--helix-ring-size", "--helix-score-strategy",
+                 "--helix-layerwise", "--helix-cache-budget"):
+        assert flag in proc.stdout
+    assert os.path.isfile(patched / "megatron" / "training" / "helix_hooks.py")
+
+
+RECIPES = sorted((ROOT / "examples" / "recipes").glob("[a-e]_*.sh"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.name for recipe in RECIPES])
+def test_recipe_cpu_twin_trains_three_iterations(recipe, patched):
+    proc = subprocess.run(["bash", str(recipe), "proposed"], capture_output=True, text=True,
+                          timeout=300, env=environment(CPU_TWIN="1",
+                                                       MEGATRON_LM_DIR=str(patched)))
+    curve = losses(proc)
+    assert len(curve) == 3 and all(math.isfinite(loss) for loss in curve), curve
