@@ -2,6 +2,12 @@
 
 from setuptools import find_packages, setup
 
+# What Megatron-LM's training code (pretrain_gpt.py, megatron.training) imports beyond
+# megatron-core, and what builds its dataset helpers (pybind11); psutil for megatron-core's
+# checkpoint writer, which hangs without it. The tests run the vendored Megatron-LM.
+MEGATRON_LM_REQUIRES = ["six", "regex", "pyyaml", "pydantic", "einops", "triton", "pybind11",
+                        "psutil"]
+
 setup(
     name="megatron_helix",
     version="0.1.0",
@@ -14,8 +20,7 @@ setup(
     packages=find_packages(include=["megatron_helix", "megatron_helix.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # The CPU build of torch 2.13.0 is what CI runs; CUDA builds >= 2.5 work on GPUs
-        # (torch 2.11 + CUDA 13 was used on H100).
+        # CI runs the CPU build of torch 2.13.0.
         "torch>=2.5",
         # Only 0.16.x is supported: the plugin subclasses SelfAttention and uses
         # parallel_state internals whose signatures change between minor releases.
@@ -23,7 +28,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib"],
+        "megatron-lm": MEGATRON_LM_REQUIRES,
+        "test": ["pytest>=7", "matplotlib", *MEGATRON_LM_REQUIRES],
         "plot": ["matplotlib"],
         # transformer-engine and apex are used when importable; they are never required.
     },
