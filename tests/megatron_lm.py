@@ -22,18 +22,11 @@ APPLY = ROOT / "patches" / "apply.sh"
 VENDOR = Path(os.environ.get("MEGATRON_LM_VENDOR", ROOT.parent / "shared" / "vendor"))
 TAG = "core_v0.16.1"
 
-#: A tiny GPT that trains in well under a second per step on one CPU core: fp32, local layers,
-#: mock data. The vocabulary (127 + the null tokenizer's end-of-document = 128) pads to 128 at
-#: every TP size up to 4, so every layout trains the same output layer.
-TINY_GPT = (
-    "--num-layers 2 --hidden-size 64 --num-attention-heads 8 --group-query-attention "
-    "--num-query-groups 4 --seq-length 64 --max-position-embeddings 64 "
-    "--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --min-lr 1e-3 "
-    "--lr-decay-style constant --mock-data --tokenizer-type NullTokenizer --vocab-size 127 "
-    "--make-vocab-size-divisible-by 32 --transformer-impl local --use-cpu-initialization "
-    "--log-interval 1 --eval-iters 0 --eval-interval 1000 --seed 1234 --attention-dropout 0 "
-    "--hidden-dropout 0 --clip-grad 0"
-).split()
+#: ``examples/tiny_gpt.args``: a GPT that trains in well under a second per step on one CPU
+#: core (fp32, local layers, mock data). Its vocabulary (127 + the null tokenizer's
+#: end-of-document = 128) pads to 128 at every TP size up to 4, so every layout trains the same
+#: output layer.
+TINY_GPT = (ROOT / "examples" / "tiny_gpt.args").read_text().split()
 
 _LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.E+-]+) \|")
 
