@@ -122,6 +122,7 @@ _INCOMPATIBLE = (
      "the helix ring is one flat context-parallel group"),
     ("hierarchical_context_parallel_sizes", "--hierarchical-context-parallel-sizes",
      "the helix ring is one flat context-parallel group"),
+    ("sft", "--sft", "its packed sequences (THD) have no helix attention"),
 )
 
 # Features computed over all of a head's dims, impossible once --helix-m > 1 slices them.

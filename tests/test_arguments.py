@@ -28,6 +28,8 @@ from megatron_helix.arguments import (
 # Seed 000's model: 32 heads of 128, hidden 4096.
 SEED000 = ["--num-layers", "4", "--hidden-size", "4096", "--num-attention-heads", "32",
            "--ffn-hidden-size", "16384", "--seq-length", "10000", "--micro-batch-size", "1"]
+# The ring has no attention dropout; Megatron-LM's default is 0.1.
+NO_DROPOUT = ["--attention-dropout", "0"]
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -51,6 +53,11 @@ def megatron_parser() -> argparse.ArgumentParser:
     parser.add_argument("--normalization", default="LayerNorm")
     parser.add_argument("--spec", nargs="*", default=None)
     parser.add_argument("--pipeline-model-parallel-layout", default=None)
+    parser.add_argument("--attention-dropout", type=float, default=0.1)
+    parser.add_argument("--cp-comm-type", nargs="+", default=["p2p"])
+    parser.add_argument("--window-size", default=None)
+    parser.add_argument("--softmax-type", default="vanilla")
+    parser.add_argument("--sft", action="store_true")
     return add_helix_args(parser)
 
 
@@ -153,7 +160,7 @@ def test_tensor_parallel_size_without_helix_group_points_at_helix_n():
 
 
 def test_ring_becomes_context_parallel_size():
-    args = apply(*SEED000, "--helix-ring-size", "8")
+    args = apply(*SEED000, *NO_DROPOUT, "--helix-ring-size", "8")
     assert args.context_parallel_size == 8 and args.tensor_model_parallel_size == 1
 
 
@@ -163,7 +170,8 @@ def test_contradicting_context_parallel_size_names_both_flags():
 
 
 def test_megatron_context_parallel_size_alone_is_the_helix_ring():
-    args = apply(*SEED000, "--helix-m", "2", "--helix-n", "2", "--context-parallel-size", "4")
+    args = apply(*SEED000, *NO_DROPOUT, "--helix-m", "2", "--helix-n", "2",
+                 "--context-parallel-size", "4")
     assert args.helix_ring_size == args.context_parallel_size == 4
     assert args.tensor_model_parallel_size == 4
 
@@ -245,6 +253,29 @@ def test_features_helix_attention_cannot_build(argv, message):
     assert message in problems(*SEED000, "--helix-m", "2", "--helix-n", "2", *argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--helix-ring-size", "2"], "--attention-dropout 0.1 with --helix-ring-size 2: the ring "
+     "attention has no dropout (Megatron-LM's default is 0.1); set --attention-dropout 0"),
+    (["--helix-ring-size", "2", *NO_DROPOUT, "--cp-comm-type", "a2a"],
+     "--cp-comm-type a2a with --helix-ring-size 2"),
+    (["--helix-ring-size", "2", *NO_DROPOUT, "--window-size", "(64,0)"],
+     "--window-size with --helix-ring-size 2"),
+    (["--helix-ring-size", "2", *NO_DROPOUT, "--helix-m", "2", "--helix-n", "32"],
+     "each head group's 1 heads and 1 key/value heads (--helix-n 32) must divide by --helix-m 2"),
+    (["--helix-n", "2", "--softmax-type", "off-by-one"],
+     "--softmax-type off-by-one: helix attention supports vanilla softmax"),
+    (["--helix-n", "2", "--sft"], "--sft cannot be combined with helix attention"),
+])
+def test_run_time_refusals_are_argument_errors(argv, message):
+    assert message in problems(*SEED000, *argv, world_size=None)
+
+
+def test_ring_with_dim_slices_that_leave_whole_heads_per_rank():
+    args = apply(*SEED000, *NO_DROPOUT, "--helix-ring-size", "2", "--helix-m", "2",
+                 "--helix-n", "2", world_size=None)
+    assert (args.tensor_model_parallel_size, args.context_parallel_size) == (4, 2)
+
+
 def test_features_allowed_without_dim_slices():
     apply(*SEED000, "--helix-n", "4", "--qk-layernorm", "--position-embedding-type", "rope",
           "--rotary-percent", "0.5")
@@ -308,7 +339,7 @@ def spec_calls(monkeypatch):
     (["--num-experts", "0"], dict(num_experts=None)),
     (["--qk-layernorm", "--helix-m", "1"], dict(qk_layernorm=True)),
     (["--helix-score-strategy", "allreduce"], dict(score_strategy="allreduce")),
-    (["--helix-ring-size", "2"], dict(ring=True)),
+    (["--helix-ring-size", "2", *NO_DROPOUT], dict(ring=True)),
     (["--position-embedding-type", "rope", "--normalization", "RMSNorm"],
      dict(position_embedding_type="rope", normalization="RMSNorm")),
 ])
@@ -389,6 +420,8 @@ def fake_megatron_lm(monkeypatch):
     training = types.ModuleType("megatron.training")
     training.arguments = types.ModuleType("megatron.training.arguments")
     training.arguments.parse_args = parse_args
+    training.arguments.core_transformer_config_from_args = (
+        lambda args, config_class=None: ("config", config_class))
     training.initialize = types.ModuleType("megatron.training.initialize")
     training.initialize.parse_args = parse_args
     training.initialize.validate_args = validate_args
@@ -420,6 +453,11 @@ def test_launcher_hooks_add_flags_apply_them_and_route_the_spec(fake_megatron_lm
     assert launch.launched_layer_spec == spec_calls[0]
     init._set_random_seed(1234)
     assert fake_megatron_lm.calls[-1] == ("seed", 1234) and initialized == [args]
+    from megatron_helix.config import HelixTransformerConfig
+
+    build = fake_megatron_lm.training.arguments.core_transformer_config_from_args
+    assert build(args) == ("config", HelixTransformerConfig)
+    assert build(args, dict) == ("config", dict)  # an explicit class still wins
 
 
 def test_launcher_hooks_fail_before_megatron_validates(fake_megatron_lm):
@@ -438,10 +476,10 @@ def test_launcher_refuses_a_patched_tree_and_other_releases(fake_megatron_lm):
     from megatron_helix import launch
 
     init = fake_megatron_lm.training.initialize
-    init.apply_helix_args = apply_helix_args  # what the patch imports there
+    init.helix_hooks = types.ModuleType("megatron.training.helix_hooks")  # what the patch adds
     with pytest.raises(RuntimeError, match="already carries the megatron_helix patch"):
         launch.install_hooks()
-    del init.apply_helix_args, init._set_random_seed
+    del init.helix_hooks, init._set_random_seed
     with pytest.raises(RuntimeError, match="has no _set_random_seed"):
         launch.install_hooks()
 
