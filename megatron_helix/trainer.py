@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_helix.arguments import add_helix_args, apply_helix_args
 from megatron_helix.synthetic_data import SuccessorTableData
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--position-embedding-type", default="rope",
                        choices=["rope", "learned_absolute", "none"])
     model.add_argument("--rotary-interleaved", action="store_true")
+    model.add_argument("--rotary-base", type=int, default=10000)
+    model.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
+    model.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    model.add_argument("--qk-layernorm", action="store_true",
+                       help="per-head query/key norm (of --normalization's kind)")
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--hidden-dropout", type=float, default=0.0)
     train = parser.add_argument_group("training")
@@ -101,6 +107,8 @@ def transformer_config(args, dtype: torch.dtype):
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
         rotary_interleaved=args.rotary_interleaved, add_bias_linear=not args.disable_bias_linear,
+        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
+        normalization=args.normalization, qk_layernorm=args.qk_layernorm,
         attention_dropout=args.attention_dropout, hidden_dropout=args.hidden_dropout,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -128,13 +136,16 @@ def build_model(args, config):
     if args.helix_m * args.helix_n > 1 or args.context_parallel_size > 1:
         spec = helix_spec_from_args(args)
     else:
-        spec = get_gpt_layer_local_spec(num_experts=args.num_experts)
+        spec = get_gpt_layer_local_spec(
+            num_experts=args.num_experts, qk_layernorm=args.qk_layernorm,
+            normalization=args.normalization,
+        )
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=args.vocab_size,
         max_sequence_length=args.seq_length,
         pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False,
-        position_embedding_type=args.position_embedding_type,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
     )
     if torch.cuda.is_available():
         model.cuda()
