@@ -127,7 +127,6 @@ _INCOMPATIBLE = (
 
 # Features computed over all of a head's dims, impossible once --helix-m > 1 slices them.
 _WHOLE_HEAD = (
-    ("qk_layernorm", "--qk-layernorm"),
     ("attention_output_gate", "--attention-output-gate"),
 )
 

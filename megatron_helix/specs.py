@@ -52,7 +52,10 @@ def get_gpt_layer_helix_spec(
     Args:
         num_experts: MoE experts per layer (None: dense MLP).
         moe_grouped_gemm: grouped GEMM experts (TE backend).
-        qk_layernorm: query/key layer norm (only with ``--helix-m 1``).
+        qk_layernorm: per-head query/key norm, the module Megatron's own spec picks (local:
+            its local norm of ``normalization``'s kind; TE: its TE q/k norm); with
+            ``--helix-m > 1`` it normalizes over the whole head dim across the slice group
+            (``attention/sliced_norm``).
         use_te: Transformer Engine linear layers and norms instead of Megatron's local ones.
         score_strategy: ``auto``, ``allreduce`` or ``redistribute`` (see ``attention/strategy``).
         ring: the sequence is split over a context-parallel ring (``--helix-ring-size > 1``).

@@ -247,7 +247,6 @@ def test_rope_pairing():
     (["--position-embedding-type", "mrope"], "--position-embedding-type mrope is not supported"),
     (["--position-embedding-type", "rope", "--rotary-percent", "0.5"],
      "--rotary-percent 0.5 with --helix-m 2"),
-    (["--qk-layernorm"], "--qk-layernorm with --helix-m 2"),
 ])
 def test_features_helix_attention_cannot_build(argv, message):
     assert message in problems(*SEED000, "--helix-m", "2", "--helix-n", "2", *argv)
@@ -280,6 +279,12 @@ def test_features_allowed_without_dim_slices():
     apply(*SEED000, "--helix-n", "4", "--qk-layernorm", "--position-embedding-type", "rope",
           "--rotary-percent", "0.5")
     apply(*SEED000, "--helix-n", "4", "--spec", "megatron_helix.specs", "helix_layer_local_spec")
+
+
+def test_qk_layernorm_allowed_with_dim_slices():
+    apply(*SEED000, "--helix-m", "2", "--helix-n", "2", "--qk-layernorm")
+    apply(*SEED000, "--helix-m", "4", "--helix-n", "1", "--qk-layernorm",
+          "--normalization", "RMSNorm")
 
 
 # ---------------------------------------------------------------------------- layer-wise

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_helix import parallel_state as helix_state
+from megatron_helix.attention.sliced_norm import NORMALIZATIONS, sliced_head_norm
 from megatron_helix.layout import HelixLayout, rope_pairing
 
 
@@ -125,7 +126,12 @@ class HelixSelfAttention(SelfAttention):
         output_gate: bool = False,
         split_qkv: bool = True,
     ):
-        """``[sq, b, h]`` -> q ``[sq, b, H/n, d/m]``, k and v ``[sq, b, G/n, d/m]``."""
+        """``[sq, b, h]`` -> q ``[sq, b, H/n, d/m]``, k and v ``[sq, b, G/n, d/m]``.
+
+        The q/k norms (``--qk-layernorm``) run here, before RoPE, as in Megatron's
+        ``SelfAttention``: whole heads (``m = 1``) call the modules; sliced heads normalize
+        with statistics all-reduced over the slice group (``sliced_norm``).
+        """
         mixed_qkv, _ = self.linear_qkv(hidden_states)
         layout = self.helix_layout
         q_per_kv = layout.num_heads // layout.num_query_groups
@@ -136,6 +142,19 @@ class HelixSelfAttention(SelfAttention):
         )
         query, key, value = torch.split(mixed_qkv, [q_per_kv * dm, dm, dm], dim=3)
         query = query.reshape(*query.shape[:2], layout.heads_per_group, dm)
+        if layout.m == 1:
+            if self.q_layernorm is not None:
+                query = self.q_layernorm(query)
+            if self.k_layernorm is not None:
+                key = self.k_layernorm(key)
+        else:
+            group = helix_state.get_helix_slice_group()
+            query = sliced_head_norm(
+                query, self.q_layernorm, self.rope_dims, layout.head_dim, self.config, group
+            )
+            key = sliced_head_norm(
+                key, self.k_layernorm, self.rope_dims, layout.head_dim, self.config, group
+            )
         return query, key, value
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
@@ -176,8 +195,9 @@ def _refuse_unsupported(config: TransformerConfig, submodules: SelfAttentionSubm
         for mod in (submodules.q_layernorm, submodules.k_layernorm)
     )
     problems = []
-    if has_qk_norm:
-        problems.append("--qk-layernorm normalizes over the whole head dim")
+    if has_qk_norm and config.normalization not in NORMALIZATIONS:
+        problems.append(f"--qk-layernorm with --normalization {config.normalization} (the "
+                        f"head-dim-sliced q/k norm supports {' and '.join(NORMALIZATIONS)})")
     if config.attention_output_gate:
         problems.append("the attention output gate")
     if config.fused_single_qkv_rope:
