@@ -123,13 +123,8 @@ _INCOMPATIBLE = (
     ("hierarchical_context_parallel_sizes", "--hierarchical-context-parallel-sizes",
      "the helix ring is one flat context-parallel group"),
     ("sft", "--sft", "its packed sequences (THD) have no helix attention"),
+    ("attention_output_gate", "--attention-output-gate", "the helix attention has no output gate"),
 )
-
-# Features computed over all of a head's dims, impossible once --helix-m > 1 slices them.
-_WHOLE_HEAD = (
-    ("attention_output_gate", "--attention-output-gate"),
-)
-
 
 def _attention_errors(args: argparse.Namespace) -> List[str]:
     """Flags whose model the helix layer spec cannot build."""
@@ -172,12 +167,6 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
             f"must hold whole RoPE pairs of a fully rotated head; use --rotary-percent 1.0 "
             f"or --helix-m 1"
         )
-    problems += [
-        f"{flag} with --helix-m {args.helix_m}: it needs a whole head on one rank; use "
-        f"--helix-m 1 (heads-only partitioning)"
-        for attr, flag in _WHOLE_HEAD
-        if getattr(args, attr, False)
-    ]
     return problems
 
 

@@ -58,6 +58,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-size", default=None)
     parser.add_argument("--softmax-type", default="vanilla")
     parser.add_argument("--sft", action="store_true")
+    parser.add_argument("--attention-output-gate", action="store_true")
     return add_helix_args(parser)
 
 
@@ -264,6 +265,8 @@ def test_features_helix_attention_cannot_build(argv, message):
     (["--helix-n", "2", "--softmax-type", "off-by-one"],
      "--softmax-type off-by-one: helix attention supports vanilla softmax"),
     (["--helix-n", "2", "--sft"], "--sft cannot be combined with helix attention"),
+    (["--helix-n", "2", "--attention-output-gate"],
+     "--attention-output-gate cannot be combined with helix attention"),
 ])
 def test_run_time_refusals_are_argument_errors(argv, message):
     assert message in problems(*SEED000, *argv, world_size=None)

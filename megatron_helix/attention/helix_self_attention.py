@@ -187,17 +187,17 @@ class HelixSelfAttention(SelfAttention):
 
 
 def _refuse_unsupported(config: TransformerConfig, submodules: SelfAttentionSubmodules, m: int):
-    """Features whose math needs the whole head on one rank, refused before any work."""
-    if m == 1:
-        return
+    """Features this attention does not build, refused before any work (the argument check
+    refuses the ones with a Megatron-LM flag earlier)."""
     has_qk_norm = any(
         mod is not None and mod is not IdentityOp
         for mod in (submodules.q_layernorm, submodules.k_layernorm)
     )
     problems = []
-    if has_qk_norm and config.normalization not in NORMALIZATIONS:
-        problems.append(f"--qk-layernorm with --normalization {config.normalization} (the "
-                        f"head-dim-sliced q/k norm supports {' and '.join(NORMALIZATIONS)})")
+    if m > 1 and has_qk_norm and config.normalization not in NORMALIZATIONS:
+        problems.append(f"--qk-layernorm with --normalization {config.normalization} at "
+                        f"--helix-m {m} (the head-dim-sliced q/k norm supports "
+                        f"{' and '.join(NORMALIZATIONS)})")
     if config.attention_output_gate:
         problems.append("the attention output gate")
     if config.fused_single_qkv_rope:
@@ -206,6 +206,5 @@ def _refuse_unsupported(config: TransformerConfig, submodules: SelfAttentionSubm
         problems.append("multi-latent attention")
     if problems:
         raise ValueError(
-            f"--helix-m {m} slices head dims, which is incompatible with: "
-            + "; ".join(problems) + ". Use --helix-m 1 (heads-only partitioning) for these."
+            f"helix attention (--helix-m {m}) does not support: " + "; ".join(problems)
         )
