@@ -2,8 +2,11 @@
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the math:
 ``torch.cuda.current_device()`` used as a device, ``device="cuda"`` bookkeeping tensors in the
-pipeline schedules, optimizer and gradient clipping, ``torch.cuda.synchronize()`` in p2p, ``.cuda()`` on tied embeddings, and an
-unimported name in the MoE utilities. ``enable_cpu_execution()`` redirects exactly those, once,
+pipeline schedules, optimizer and gradient clipping, the CUDA-type assertion of gradient
+clipping, ``torch.cuda.synchronize()`` in p2p, the MoE all-to-all dispatcher's side stream, an
+unimported name in the MoE utilities, and the RNG tracker, which keeps *device* generator
+states (on CPU the device generator is the CPU's, so forks, attention dropout and activation
+recomputation behave as on a GPU). ``enable_cpu_execution()`` redirects exactly those, once,
 and only when CUDA is absent; it never runs on a GPU machine, so nothing here is on the GPU
 path. Everything numerical (linear layers, softmax, collectives) stays megatron-core's.
 """
@@ -43,6 +46,7 @@ def enable_cpu_execution() -> bool:
     _select_cp_rotary_positions_on_cpu()
     _give_the_moe_dispatcher_the_cpu_stream()
     _clip_cpu_grads()
+    _route_rng_tracker_to_cpu_generator()
     logger.info("megatron_helix: megatron-core patched for CPU execution")
     return True
 
@@ -239,3 +243,25 @@ def _select_cp_rotary_positions_on_cpu() -> None:
 
     for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
         module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
+def _route_rng_tracker_to_cpu_generator() -> None:
+    """Megatron's RNG tracker keeps and swaps *device* generator states; on CPU the device
+    generator is the CPU one, so ``fork()`` swaps the CPU generator's state. Its check that the
+    CPU state did not change inside a fork cannot hold then, and its warning is silenced.
+    Attention dropout drawn inside a fork, and activation recomputation, which restores the
+    tracker's states before replaying a layer, then behave as on a GPU."""
+    from megatron.core.tensor_parallel import random
+
+    def get_state(device=-1, clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    random._get_cuda_rng_state = get_state
+    random._set_cuda_rng_state = set_state
+    random.torch = CpuTorch(cuda=CpuCuda())
+    logging.getLogger(random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )

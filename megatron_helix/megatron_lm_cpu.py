@@ -21,8 +21,7 @@ in its training loop where the math does not care:
 
 Each is redirected below to its CPU meaning: the CPU is "device 0" of one device, ``.cuda()``
 keeps a tensor where it is, streams are the default (CPU) stream, and the CUDA RNG state is
-the CPU generator's, so Megatron's RNG tracker forks and restores a real stream (attention
-dropout and activation recomputation replay the same masks). Settings the CPU cannot honour
+the CPU generator's (``megatron_helix.cpu``). Settings the CPU cannot honour
 are set in ``CPU_SETTINGS`` with the reason, and printed once.
 """
 
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 from typing import Callable, Tuple
 
@@ -52,7 +50,6 @@ CPU_SETTINGS: Tuple[Tuple[str, object, str, str], ...] = (
     ("rerun_mode", "disabled", "--rerun-mode disabled", "the rerun state machine is for GPUs"),
 )
 
-logger = logging.getLogger(__name__)
 _ENABLED = False
 
 
@@ -123,11 +120,9 @@ def enable_megatron_lm_cpu_execution() -> None:
         )
     enable_cpu_execution()
     from megatron.core import rerun_state_machine
-    from megatron.core.tensor_parallel import random
     from megatron.training import arguments, initialize, training, utils
 
     _view_torch_as_cpu(initialize, training, utils, rerun_state_machine)
-    _route_rng_tracker_to_cpu_generator(random)
     initialize._compile_dependencies = _compile_dataset_helpers_only
     training.set_jit_fusion_options = lambda: None
     arguments.get_device_arch_version = lambda: 0
@@ -155,22 +150,3 @@ def _allowing_no_cuda(initialize_megatron: Callable) -> Callable:
         return initialize_megatron(*args, **kwargs)
 
     return wrapped
-
-
-def _route_rng_tracker_to_cpu_generator(random) -> None:
-    """Megatron's RNG tracker keeps and swaps *device* generator states; on CPU the device
-    generator is the CPU one, so ``fork()`` swaps the CPU generator's state. Its check that the
-    CPU state did not change inside a fork cannot hold then, and its warning is silenced."""
-
-    def get_state(device=-1, clone=False, graph_safe=False):
-        return torch.get_rng_state()
-
-    def set_state(new_state, device=-1, graph_safe=False):
-        torch.set_rng_state(new_state)
-
-    random._get_cuda_rng_state = get_state
-    random._set_cuda_rng_state = set_state
-    random.torch = CpuTorch(cuda=CpuCuda())
-    logging.getLogger(random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
-    )

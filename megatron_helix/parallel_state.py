@@ -13,13 +13,15 @@ The ring (context-parallel) group is Megatron's own CP group.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_helix.parallel_dims import HelixParallelDims
 
@@ -35,7 +37,6 @@ class _HelixGroups:
 
 
 _GROUPS: Optional[_HelixGroups] = None
-_DROPOUT_GENERATOR: Optional[torch.Generator] = None
 
 
 def initialize_helix(
@@ -146,30 +147,46 @@ def get_helix_head_group_group() -> dist.ProcessGroup:
 
 def destroy_helix() -> None:
     """Forget the helix groups (Megatron's ``destroy_model_parallel`` does the rest)."""
-    global _GROUPS, _DROPOUT_GENERATOR
+    global _GROUPS
     _GROUPS = None
-    _DROPOUT_GENERATOR = None
 
+
+
+#: Name of the helix attention-dropout stream in Megatron's RNG tracker.
+HELIX_DROPOUT_RNG = "helix-dropout-rng"
 
 
 def helix_manual_seed(seed: int) -> None:
-    """Seed the attention-dropout stream shared by the ranks of one slice group.
+    """Register the attention-dropout stream shared by the ranks of one slice group.
 
     With the score all-reduce strategy all ``m`` ranks of a slice group apply one shared
     probability matrix, so they must draw the same dropout mask; different head groups draw
-    different ones. Call it where Megatron's ``model_parallel_cuda_manual_seed`` is called.
+    different ones. The stream lives in Megatron's RNG tracker (``get_cuda_rng_tracker``), so
+    activation recomputation replays it and checkpoints save it with the tracker's other
+    states. Call it right after Megatron's ``model_parallel_cuda_manual_seed``, which resets
+    the tracker.
     """
-    global _DROPOUT_GENERATOR
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed + 3541 + 1009 * get_helix_head_group_rank())
-    _DROPOUT_GENERATOR = generator
+    get_cuda_rng_tracker().add(HELIX_DROPOUT_RNG, seed + 3541 + 1009 * get_helix_head_group_rank())
 
 
-def get_helix_dropout_generator() -> torch.Generator:
-    if _DROPOUT_GENERATOR is None:
+@contextlib.contextmanager
+def helix_dropout_generator(device: torch.device) -> Iterator[torch.Generator]:
+    """Fork Megatron's tracker to the helix dropout stream; yield the generator that holds it.
+
+    Inside the fork the device's default generator (CUDA's, or the CPU's on CPU ranks) carries
+    the stream's state; the attention draws its masks from it and may replay them by saving
+    and restoring that generator's state.
+    """
+    tracker = get_cuda_rng_tracker()
+    if tracker.is_initialized() and HELIX_DROPOUT_RNG not in tracker.get_states():
         raise RuntimeError(
-            "attention dropout with the helix score all-reduce strategy needs a seed shared by "
-            "the slice group: call megatron_helix.parallel_state.helix_manual_seed(seed)"
+            "attention dropout with the helix score all-reduce strategy needs the slice "
+            "group's dropout stream: call megatron_helix.parallel_state.helix_manual_seed(seed) "
+            "after Megatron's model_parallel_cuda_manual_seed"
         )
-    return _DROPOUT_GENERATOR
+    with tracker.fork(HELIX_DROPOUT_RNG):
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            yield torch.cuda.default_generators[index]
+        else:
+            yield torch.default_generator

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-head query/key norm (of --normalization's kind)")
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--hidden-dropout", type=float, default=0.0)
+    model.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                       help="activation recomputation: 'full' recomputes every layer "
+                       "(Megatron's uniform method, one layer per chunk), 'selective' the "
+                       "core attention")
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=int, default=2)
     train.add_argument("--global-batch-size", type=int, default=None,
@@ -110,6 +114,9 @@ def transformer_config(args, dtype: torch.dtype):
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
         normalization=args.normalization, qk_layernorm=args.qk_layernorm,
         attention_dropout=args.attention_dropout, hidden_dropout=args.hidden_dropout,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method="uniform" if args.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if args.recompute_granularity == "full" else None,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
@@ -200,10 +207,6 @@ def initialize(args) -> torch.dtype:
             "expert biases in place on a view, which autograd rejects"
         )
     if not torch.cuda.is_available():
-        if args.clip_grad > 0:
-            raise ValueError(
-                "--clip-grad > 0 needs CUDA: megatron-core 0.16.1 clips CUDA tensors only"
-            )
         if args.bf16 or args.fp16:
             raise ValueError(
                 "--bf16/--fp16 training needs CUDA: megatron-core 0.16.1's mixed-precision "
@@ -224,7 +227,7 @@ def initialize(args) -> torch.dtype:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
     )
     seed = args.seed + 100 * mpu.get_pipeline_model_parallel_rank()
-    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
+    model_parallel_cuda_manual_seed(seed)
     helix_state.helix_manual_seed(seed)
     torch.manual_seed(seed)
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

@@ -8,7 +8,6 @@ directory; nothing is skipped. Argument validation runs Megatron-LM's own ``pars
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys

@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed import run_distributed
+from tests.trainer_runs import train_recording
 
 QWEN3 = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8",
          "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "16",
@@ -47,83 +48,16 @@ TOLERANCE = 1e-5
 LATER_STEP_TOLERANCE = 1e-3
 
 
-def _gradients(model_chunks):
-    """``{global name: gradient}`` of this rank's shards as the optimizer will see them."""
-    from megatron_helix.sharding import named_global_parameters
-
-    return {global_name: param.main_grad.detach().clone()
-            for _, global_name, param in named_global_parameters(model_chunks)}
-
-
-def _errors_against(reference, model_chunks):
-    """``{global name: (largest |shard - one-device shard|, largest |one-device gradient|)}``."""
-    from megatron_helix.checkpoint import to_helix
-    from megatron_helix.sharding import helix_layouts, named_global_parameters, shard
-
-    layouts = helix_layouts(model_chunks)
-    config = model_chunks[0].config
-    errors = {}
-    for _, global_name, param in named_global_parameters(model_chunks):
-        full = reference[global_name]
-        for prefix, layout in layouts.items():
-            if global_name.startswith(prefix):
-                full = to_helix(global_name, full, layout)
-        expected = shard(full, param, global_name, config)
-        errors[global_name] = (float((param.main_grad - expected).abs().max()),
-                               float(full.abs().max()))
-    return errors
-
-
-def _train_recording(rank, world_size, runs, references=None):
-    """Train each run with the plugin trainer; record the gradients of every optimizer step.
-
-    Without ``references`` (one device) a run returns its losses and full gradients; with
-    them, its losses and, per step, how far each of this rank's shards is from the one-device
-    gradient of ``references[model]``.
-    """
-    import megatron.core.optimizer as megatron_optimizer
-
-    from megatron_helix.trainer import build_parser, train
-
-    build_optimizer = megatron_optimizer.get_megatron_optimizer
-    results = {}
-    for name, (model, argv) in runs.items():
-        steps = []
-
-        def recording_optimizer(config, model_chunks, *args, **kwargs):
-            optimizer = build_optimizer(config, model_chunks, *args, **kwargs)
-            step = optimizer.step
-
-            def recorded_step(*step_args, **step_kwargs):
-                if references is None:
-                    steps.append(_gradients(model_chunks))
-                else:
-                    reference = references[model]["gradients"][len(steps)]
-                    steps.append(_errors_against(reference, model_chunks))
-                return step(*step_args, **step_kwargs)
-
-            optimizer.step = recorded_step
-            return optimizer
-
-        megatron_optimizer.get_megatron_optimizer = recording_optimizer
-        try:
-            losses = [entry["loss"] for entry in train(build_parser().parse_args(argv))]
-        finally:
-            megatron_optimizer.get_megatron_optimizer = build_optimizer
-        results[name] = {"losses": losses, "gradients": steps}
-    return results
-
-
 @pytest.fixture(scope="module")
 def references():
     runs = {name: (name, argv) for name, argv in MODELS.items()}
-    return run_distributed(_train_recording, 1, runs)[0]
+    return run_distributed(train_recording, 1, runs)[0]
 
 
 @pytest.fixture(scope="module")
 def helix_runs(references):
     runs = {name: (model, MODELS[model] + argv) for name, (model, argv) in LAYOUTS.items()}
-    per_rank = run_distributed(_train_recording, 4, runs, references)
+    per_rank = run_distributed(train_recording, 4, runs, references)
     results = {}
     for name in LAYOUTS:
         losses = per_rank[0][name]["losses"]

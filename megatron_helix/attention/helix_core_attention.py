@@ -8,8 +8,11 @@ of the two exact strategies across the slice group (``score_allreduce.py``,
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
+import torch
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -114,12 +117,12 @@ class HelixCoreAttention(MegatronModule):
         )
         self.last_strategy = strategy
         if strategy == "allreduce":
-            generator = helix_state.get_helix_dropout_generator() if dropout_p > 0 else None
-            out = score_allreduce_attention(
-                query, key, value, group, causal=causal, attention_mask=mask,
-                softmax_scale=self.softmax_scale, dropout_p=dropout_p, generator=generator,
-                query_block_size=self.query_block_size,
-            )
+            with _dropout_stream(query.device, dropout_p) as generator:
+                out = score_allreduce_attention(
+                    query, key, value, group, causal=causal, attention_mask=mask,
+                    softmax_scale=self.softmax_scale, dropout_p=dropout_p, generator=generator,
+                    query_block_size=self.query_block_size,
+                )
         else:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = redistribute_attention(
@@ -127,3 +130,10 @@ class HelixCoreAttention(MegatronModule):
                     softmax_scale=self.softmax_scale, dropout_p=dropout_p,
                 )
         return out.reshape(sq, b, h * dm)
+
+
+def _dropout_stream(device: torch.device, dropout_p: float):
+    """The slice group's shared dropout stream when there is dropout, else no generator."""
+    if dropout_p > 0:
+        return helix_state.helix_dropout_generator(device)
+    return contextlib.nullcontext(None)
