@@ -27,6 +27,9 @@ GQA_2 = ["--num-query-groups", "2"]
 HEADS_6 = ["--num-attention-heads", "6", "--num-query-groups", "6", "--hidden-size", "48"]
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear"]
 PP_2 = ["--pipeline-model-parallel-size", "2"]
+QWEN3 = ["--qk-layernorm", "--normalization", "RMSNorm", "--swiglu", "--num-query-groups", "2",
+         "--rotary-base", "1000000", "--untie-embeddings-and-output-weights",
+         "--disable-bias-linear"]
 
 #: name -> (ranks, helix flags, reference ranks, reference flags)
 LAYOUTS = {
@@ -40,6 +43,7 @@ LAYOUTS = {
     "PP 2 x helix 2x1": (4, [*PP_2, "--helix-m", "2", "--helix-n", "1"], 2, PP_2),
     "MoE x helix 2x2": (4, ["--helix-m", "2", "--helix-n", "2", "--sequence-parallel", *MOE],
                         1, MOE),
+    "Qwen3-style x helix 2x2": (4, ["--helix-m", "2", "--helix-n", "2", *QWEN3], 1, QWEN3),
 }
 
 
@@ -74,6 +78,24 @@ def test_helix_layout_trains_the_one_rank_model(name, patched, reference):
 def test_the_unpatched_launcher_gives_the_same_curve(pristine, reference):
     curve = losses(pretrain(pristine, 4, ["--helix-m", "2", "--helix-n", "2"]))
     assert_same_curve(curve, reference(1, ()))
+
+
+DROPOUT = ["--helix-m", "2", "--helix-n", "2", "--attention-dropout", "0.1"]
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "1"]
+
+
+@pytest.mark.parametrize("strategy", ["allreduce", "redistribute"])
+def test_recomputation_replays_the_attention_dropout(strategy, patched):
+    """Full recomputation reruns each layer's forward for its gradients; the helix dropout
+    masks come from Megatron's RNG tracker, so the rerun draws the same masks and the whole
+    curve (every step's loss depends on the previous steps' gradients) is unchanged."""
+    flags = [*DROPOUT, "--helix-score-strategy", strategy]
+    plain = losses(pretrain(patched, 4, flags))
+    assert losses(pretrain(patched, 4, [*flags, *RECOMPUTE])) == plain
+    if strategy == "allreduce":  # the masks are real: without them the curve is another
+        assert losses(pretrain(patched, 4, [*flags, *RECOMPUTE, "--attention-dropout", "0"])) \
+            != plain
 
 
 IMPOSSIBLE = {
