@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_helix.layout import layout_errors
+from megatron_helix.parallel_dims import HelixConfigError
+
 
 @dataclass
 class HelixTransformerConfig(TransformerConfig):
@@ -27,6 +30,7 @@ class HelixTransformerConfig(TransformerConfig):
     def __post_init__(self) -> None:
         tp = self.tensor_model_parallel_size
         groups = self.num_query_groups or self.num_attention_heads
+        self._check_helix_layout(tp, groups)
         plain_tp_holds = self.num_attention_heads % tp == 0 and (
             groups % tp == 0 or tp % groups == 0)
         if self.helix_m == 1 or plain_tp_holds:
@@ -40,3 +44,22 @@ class HelixTransformerConfig(TransformerConfig):
         super().__post_init__()
         self.tensor_model_parallel_size = tp
         self.sequence_parallel = sequence_parallel
+
+    def _check_helix_layout(self, tp: int, groups: int) -> None:
+        """The helix rules Megatron's own checks would report in plain-TP terms (or not at
+        all), named by the helix sizes; before any module is built. The head dim is checked
+        against ``m`` here and against ``2m`` (RoPE pairs) by the attention, which knows the
+        position embedding."""
+        m = self.helix_m
+        if m < 1 or tp % m:
+            raise HelixConfigError(
+                f"tensor_model_parallel_size {tp} must be --helix-m {m} x --helix-n (the helix "
+                f"group is the tensor-parallel group)"
+            )
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        problems = layout_errors(m, tp // m, self.num_attention_heads, groups, head_dim, "none")
+        if problems:
+            raise HelixConfigError(
+                f"invalid helix layout --helix-m {m} x --helix-n {tp // m}:\n  - "
+                + "\n  - ".join(problems)
+            )

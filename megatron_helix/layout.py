@@ -189,7 +189,7 @@ def layout_errors(
             f"--helix-n {n} must divide --num-attention-heads {num_heads} "
             f"(head groups hold whole heads); --helix-n in {_divisors(num_heads)} works"
         )
-    if num_query_groups % n:
+    if num_query_groups != num_heads and num_query_groups % n:
         errors.append(
             f"--helix-n {n} must divide --num-query-groups {num_query_groups}: a key/value head "
             f"cannot straddle two head groups without replicating it; --helix-n in "
