@@ -19,6 +19,9 @@ wrapped the points of Megatron-LM core_v0.16.1 that ``patches/`` edits:
 
 ``initialize_megatron`` looks these names up in its module at call time, which is what makes
 this work without editing files; it is also why the launcher is tied to one release.
+
+``--cpu`` (first argument) adds ``megatron_helix.megatron_lm_cpu``, the CPU execution mode for
+tests and demos; it is the only thing the launcher adds to a tree that carries the patch.
 """
 
 from __future__ import annotations
