@@ -5,13 +5,19 @@ projection's input columns differs (``layout.HelixLayout``). These helpers work 
 (unsharded) tensors: permute, then Megatron's ordinary contiguous tensor-parallel split hands
 every rank its heads and dims (``sharding.py``). A checkpoint written by a helix run can thus
 be converted for TP, PP or a single device and back, for any ``(m, n)``.
+
+``standard_layout_factory`` does the same for Megatron's distributed checkpoints: a helix rank
+saves its attention weights as pieces of the standard tensors, so the checkpoint is the
+standard one.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_helix.layout import HelixLayout, inverse_permutation
 
@@ -57,3 +63,67 @@ def helix_to_standard(state_dict: Dict[str, torch.Tensor], layout: HelixLayout) 
     """Convert a full (unsharded) helix state dict back to the standard layout."""
     return {name: to_standard(name, t, layout) if torch.is_tensor(t) else t
             for name, t in state_dict.items()}
+
+
+def standard_grid(permutation: Sequence[int], local: int) -> int:
+    """The chunk size of the regular grid on which every rank's helix rows are standard rows.
+
+    ``permutation[i]`` is the standard index of helix-order row ``i``; rank ``r`` holds helix
+    rows ``[r * local, (r + 1) * local)``. The result divides every place where a rank's run of
+    consecutive standard rows starts or ends, and every run's standard start, so each chunk of
+    that size is one contiguous, aligned piece of the standard tensor (``d / 2m`` rows for
+    rotate-half RoPE, ``d / m`` otherwise).
+    """
+    size = len(permutation)
+    grid = math.gcd(size, local)
+    for i in range(1, size):
+        if i % local == 0 or permutation[i] != permutation[i - 1] + 1:
+            grid = math.gcd(grid, math.gcd(i, permutation[i]))
+    return grid
+
+
+def standard_layout_factory(
+    sharded: ShardedTensor,
+    sharded_offsets: Tuple[Tuple[int, int, int], ...],
+    dim: int,
+    permutation: Sequence[int],
+    rank: int,
+) -> ShardedTensorFactory:
+    """Describe this rank's helix tensor as pieces of the *standard* (single-device) tensor.
+
+    A distributed checkpoint (``dist_checkpointing``, ``--ckpt-format torch_dist``) then holds
+    the same global tensors as one written by one device or plain TP/PP, so any layout, with or
+    without helix, loads it. ``sharded`` is Megatron's TP description of the local tensor
+    (contiguous blocks in helix order); ``dim`` is its partition dim; ``permutation`` the layout's
+    standard index of every helix-order index along ``dim``. Saving writes one ``ShardedTensor``
+    per chunk of ``standard_grid``; loading concatenates them back in this rank's order.
+    """
+    local = sharded.local_shape[dim]
+    chunk = standard_grid(permutation, local)
+    mine = permutation[rank * local:(rank + 1) * local]
+    pieces = [(offset, mine[offset] // chunk) for offset in range(0, local, chunk)]
+    axis = dim + len(sharded_offsets)
+    fragments = len(permutation) // chunk
+
+    @torch.no_grad()
+    def build(key, data, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(
+                f"{key}: the distributed optimizer's flattened checkpoint of helix attention "
+                f"weights (--helix-m > 1) is not supported; save without "
+                f"--use-distributed-optimizer or with --ckpt-format torch"
+            )
+        return [
+            ShardedTensor.from_rank_offsets(
+                key, data.narrow(dim, offset, chunk), *sharded_offsets,
+                (axis, index, fragments), replica_id=replica_id,
+                prepend_axis_num=len(sharded_offsets),
+            )
+            for offset, index in pieces
+        ]
+
+    def merge(loaded):
+        with torch.no_grad():
+            return torch.cat(loaded, dim=dim)
+
+    return ShardedTensorFactory(sharded.key, sharded.data, build, merge, sharded.replica_id)

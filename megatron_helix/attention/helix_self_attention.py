@@ -26,6 +26,7 @@ from torch import Tensor
 
 from megatron_helix import parallel_state as helix_state
 from megatron_helix.attention.sliced_norm import NORMALIZATIONS, sliced_head_norm
+from megatron_helix.checkpoint import standard_layout_factory
 from megatron_helix.layout import HelixLayout, rope_pairing
 
 
@@ -118,6 +119,29 @@ class HelixSelfAttention(SelfAttention):
         self.key_hidden_size = self.val_hidden_size = layout.slice_dim
         dims = layout.slice_dims(helix_state.get_helix_slice_rank())
         self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's, with the QKV and projection weights described in the standard layout.
+
+        Megatron's default would store this rank's helix-ordered rows as its TP block, which
+        only the same ``(m, n)`` could read back; as pieces of the standard tensors
+        (``checkpoint.standard_layout_factory``) the checkpoint loads at any layout.
+        """
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        layout = self.helix_layout
+        if layout.m == 1:  # whole heads: the helix order is the standard TP order
+            return state
+        rank = self.pg_collection.tp.rank()
+        for name, dim, permutation in (
+            ("linear_qkv.weight", 0, layout.qkv_row_permutation()),
+            ("linear_qkv.bias", 0, layout.qkv_row_permutation()),
+            ("linear_proj.weight", 1, layout.proj_col_permutation()),
+        ):
+            key = prefix + name
+            if key in state:
+                state[key] = standard_layout_factory(
+                    state[key], sharded_offsets, dim, permutation, rank)
+        return state
 
     def get_query_key_value_tensors(
         self,
