@@ -21,19 +21,24 @@ import json
 import sys
 from typing import List, Optional
 
+from megatron_helix.model_args import add_model_shape_args, model_shape_kwargs
 from megatron_helix.perf.calibration import GPU_SPECS, Calibration, gpu_calibration
 from megatron_helix.perf.memory import DTYPE_BYTES
+
+
+# Left unset, these keep the preset's values (Megatron-LM's defaults would override them).
+_PRESET_KEEPS = dict.fromkeys(("moe_router_topk", "swiglu", "add_bias_linear", "normalization",
+                               "untie_embeddings_and_output_weights"))
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     from megatron_helix.perf.planner import PRESETS
 
-    model = parser.add_argument_group("workload (Megatron-LM flag names)")
+    model = add_model_shape_args(parser, "workload (Megatron-LM flag names)",
+                                 defaults=_PRESET_KEEPS)
     model.add_argument("--preset", choices=sorted(PRESETS),
                        help="a seed workload; model flags given as well override it")
-    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--num-query-groups",
-                 "--ffn-hidden-size", "--num-experts", "--moe-router-topk", "--seq-length",
-                 "--global-batch-size", "--micro-batch-size", "--vocab-size", "--kv-channels"):
+    for flag in ("--global-batch-size", "--micro-batch-size"):
         model.add_argument(flag, type=int)
 
 
@@ -48,16 +53,9 @@ def _job(args: argparse.Namespace):
         raise SystemExit("plan needs --preset, or --num-layers, --hidden-size, "
                          "--num-attention-heads and --seq-length")
     shape = dataclasses.asdict(base.model) if base else dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, vocab_size=GPT2_VOCAB,
+        ffn_hidden_size=4 * args.hidden_size, vocab_size=GPT2_VOCAB,
         untie_embeddings_and_output_weights=True)
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                 "ffn_hidden_size", "num_experts", "moe_router_topk", "vocab_size", "kv_channels"):
-        if getattr(args, flag) is not None:
-            shape[flag] = getattr(args, flag)
-    if shape.get("num_experts"):
-        shape["add_bias_linear"] = False
+    shape.update(model_shape_kwargs(args))
     return Job(
         model=ModelShape(**shape),
         seq_length=args.seq_length or base.seq_length,

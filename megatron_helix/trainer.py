@@ -20,43 +20,37 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_helix.arguments import add_helix_args, apply_helix_args
+from megatron_helix.model_args import add_model_shape_args
 from megatron_helix.synthetic_data import SuccessorTableData
+
+
+# The demo's small model; every other shape flag keeps Megatron-LM's default. The trainer
+# never ties the output layer to the embedding (planner and loaders read this).
+_DEMO_MODEL = dict(
+    num_layers=2, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=128,
+    position_embedding_type="rope", attention_dropout=0.0, hidden_dropout=0.0,
+    untie_embeddings_and_output_weights=True,
+)
+
+
+def _rank() -> int:
+    """This process's global rank as torchrun sets it before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+class _RankZeroHelpParser(argparse.ArgumentParser):
+    """Prints ``--help`` on rank 0 only: under torchrun every rank parses the same command
+    line, and the others exit quietly with status 0. Usage errors still print on every rank."""
+
+    def print_help(self, file=None) -> None:
+        if _rank() == 0:
+            super().print_help(file)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM-style flags (same names and meanings) plus the helix group."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    model = parser.add_argument_group("model")
-    model.add_argument("--num-layers", type=int, default=2)
-    model.add_argument("--hidden-size", type=int, default=64)
-    model.add_argument("--num-attention-heads", type=int, default=8)
-    model.add_argument("--group-query-attention", action="store_true")
-    model.add_argument("--num-query-groups", type=int, default=None,
-                       help="key/value heads with --group-query-attention")
-    model.add_argument("--kv-channels", type=int, default=None,
-                       help="head dim; default hidden-size / num-attention-heads")
-    model.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="default 4 x hidden-size")
-    model.add_argument("--seq-length", type=int, default=32)
-    model.add_argument("--vocab-size", type=int, default=128)
-    model.add_argument("--num-experts", type=int, default=None)
-    model.add_argument("--moe-router-topk", type=int, default=2)
-    model.add_argument("--disable-bias-linear", action="store_true",
-                       help="no biases in linear layers (needed with --num-experts, see below)")
-    model.add_argument("--position-embedding-type", default="rope",
-                       choices=["rope", "learned_absolute", "none"])
-    model.add_argument("--rotary-interleaved", action="store_true")
-    model.add_argument("--rotary-base", type=int, default=10000)
-    model.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
-    model.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
-    model.add_argument("--qk-layernorm", action="store_true",
-                       help="per-head query/key norm (of --normalization's kind)")
-    model.add_argument("--attention-dropout", type=float, default=0.0)
-    model.add_argument("--hidden-dropout", type=float, default=0.0)
-    model.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                       help="activation recomputation: 'full' recomputes every layer "
-                       "(Megatron's uniform method, one layer per chunk), 'selective' the "
-                       "core attention")
+    parser = _RankZeroHelpParser(description=__doc__.splitlines()[0])
+    add_model_shape_args(parser, "model", defaults=_DEMO_MODEL)
     train = parser.add_argument_group("training")
     train.add_argument("--micro-batch-size", type=int, default=2)
     train.add_argument("--global-batch-size", type=int, default=None,
@@ -78,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="Megatron's sequence parallelism (on by itself for MoE with TP)")
     add_helix_args(parser)
-    # The trainer never ties the output layer to the embedding (planner and loaders read this).
-    parser.set_defaults(untie_embeddings_and_output_weights=True)
     return parser
 
 
@@ -110,7 +102,7 @@ def transformer_config(args, dtype: torch.dtype):
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
-        rotary_interleaved=args.rotary_interleaved, add_bias_linear=not args.disable_bias_linear,
+        rotary_interleaved=args.rotary_interleaved, add_bias_linear=args.add_bias_linear,
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
         normalization=args.normalization, qk_layernorm=args.qk_layernorm,
         attention_dropout=args.attention_dropout, hidden_dropout=args.hidden_dropout,
@@ -201,7 +193,7 @@ def initialize(args) -> torch.dtype:
     from megatron_helix import parallel_state as helix_state
     from megatron_helix.cpu import enable_cpu_execution
 
-    if args.num_experts and not args.disable_bias_linear:
+    if args.num_experts and args.add_bias_linear:
         raise ValueError(
             "--num-experts needs --disable-bias-linear: megatron-core 0.16.1's SequentialMLP adds "
             "expert biases in place on a view, which autograd rejects"

@@ -9,7 +9,8 @@ from megatron_helix.layerwise.budgets import BUDGET_KINDS, NAMED_BUDGETS
 from megatron_helix.layerwise.partition import COST_METRICS, plan_from_args
 from megatron_helix.layerwise.plan import LayerwisePlanError
 from megatron_helix.layerwise.report import format_plan
-from megatron_helix.layerwise.working_set import MODES, NORMALIZATIONS
+from megatron_helix.layerwise.working_set import MODES
+from megatron_helix.model_args import add_model_shape_args, model_shape_kwargs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,17 +18,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m megatron_helix.layerwise",
         description="Cut a GPT decoder stack into pipeline stages that fit a per-device budget.",
     )
-    size = parser.add_argument_group("model (Megatron-LM names)")
-    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size",
-                 "--seq-length", "--micro-batch-size"):
-        size.add_argument(flag, type=int, required=True)
-    for flag in ("--num-query-groups", "--kv-channels", "--num-experts", "--vocab-size"):
-        size.add_argument(flag, type=int)
-    size.add_argument("--moe-router-topk", type=int, default=2)
-    size.add_argument("--swiglu", dest="gated_linear_unit", action="store_true")
-    size.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
-    size.add_argument("--normalization", choices=NORMALIZATIONS, default="LayerNorm")
-    size.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    size = add_model_shape_args(parser, "model (Megatron-LM names)", required=(
+        "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"))
+    size.add_argument("--micro-batch-size", type=int, required=True)
     size.add_argument("--dtype-bytes", type=int, default=2, help="2 for fp16/bf16, 4 for fp32")
     plan = parser.add_argument_group("plan")
     plan.add_argument("--mode", choices=MODES, required=True)
@@ -44,11 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# plan_from_args' arguments besides the model shape, passed as parsed.
+_PLAN_ARGS = ("seq_length", "micro_batch_size", "dtype_bytes", "mode", "budget", "budget_kind",
+              "cost", "pipeline_model_parallel_size", "world_size", "tensor_model_parallel_size")
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    """``plan_from_args``' keywords: the model shape in ``ModelShape``'s names, then the rest."""
+    return dict(model_shape_kwargs(args), **{name: getattr(args, name) for name in _PLAN_ARGS})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the plan; exit status 1 (with the closest plan and the reasons) when nothing fits."""
-    args = vars(_parser().parse_args(argv))
+    kwargs = _plan_kwargs(_parser().parse_args(argv))
     try:
-        print(format_plan(plan_from_args(**args)))
+        print(format_plan(plan_from_args(**kwargs)))
         return 0
     except LayerwisePlanError as error:
         print(format_plan(error.plan))
