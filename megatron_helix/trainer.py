@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megatron_helix.arguments import add_helix_args, apply_helix_args
 from megatron_helix.model_args import add_model_shape_args
 from megatron_helix.synthetic_data import SuccessorTableData
+from megatron_helix.trainer_checkpoint import load_checkpoint, save_checkpoint
 
 
 # The demo's small model; every other shape flag keeps Megatron-LM's default. The trainer
@@ -58,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-iters", type=int, default=20)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=1234)
-    train.add_argument("--clip-grad", type=float, default=0.0,
-                       help="gradient-norm clipping (GPU only: megatron-core 0.16.1's clipping "
-                       "asserts CUDA tensors)")
+    train.add_argument("--clip-grad", type=float, default=0.0, help="gradient-norm clipping")
     train.add_argument("--bf16", action="store_true")
+    train.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="shard the optimizer state over the data-parallel ranks")
+    ckpt = parser.add_argument_group("checkpointing (Megatron's torch_dist format)")
+    ckpt.add_argument("--save", default=None, help="directory to save checkpoints to")
+    ckpt.add_argument("--save-interval", type=int, default=None,
+                      help="iterations between saves (and at the last iteration)")
+    ckpt.add_argument("--load", default=None,
+                      help="directory to resume from (its latest complete checkpoint)")
     train.add_argument("--fp16", action="store_true")
     train.add_argument("--metrics-file", default=None,
                        help="append one JSON object per iteration (written by rank 0 only)")
@@ -199,6 +206,11 @@ def initialize(args) -> torch.dtype:
             "expert biases in place on a view, which autograd rejects"
         )
     if not torch.cuda.is_available():
+        if args.use_distributed_optimizer:
+            raise ValueError(
+                "--use-distributed-optimizer needs CUDA: megatron-core 0.16.1's distributed "
+                "optimizer accepts only CUDA parameters"
+            )
         if args.bf16 or args.fp16:
             raise ValueError(
                 "--bf16/--fp16 training needs CUDA: megatron-core 0.16.1's mixed-precision "
@@ -253,12 +265,14 @@ def _train(args, dtype: torch.dtype) -> List[Dict[str, float]]:
     config = transformer_config(args, dtype)
     model = build_model(args, config)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=args.clip_grad,
-                        bf16=args.bf16, fp16=args.fp16, params_dtype=dtype),
+                        bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
+                        use_distributed_optimizer=args.use_distributed_optimizer),
         [model],
     )
     config.grad_scale_func = optimizer.scale_loss
@@ -274,8 +288,9 @@ def _train(args, dtype: torch.dtype) -> List[Dict[str, float]]:
     data = SuccessorTableData(args.vocab_size, args.seq_length, args.seed)
     forward_backward = get_forward_backward_func()
 
+    start_iteration = load_checkpoint(args.load, model, optimizer) if args.load else 0
     metrics: List[Dict[str, float]] = []
-    for iteration in range(args.train_iters):
+    for iteration in range(start_iteration, args.train_iters):
         start = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -294,6 +309,10 @@ def _train(args, dtype: torch.dtype) -> List[Dict[str, float]]:
         })
         if dist.get_rank() == 0:
             _report(metrics[-1], args.metrics_file)
+        done = iteration + 1
+        if args.save and (done == args.train_iters
+                          or (args.save_interval and done % args.save_interval == 0)):
+            save_checkpoint(args.save, done, model, optimizer)
     return metrics
 
 
