@@ -17,7 +17,8 @@ in its training loop where the math does not care:
 - ``training.py`` and ``utils.py`` make ``device='cuda'`` bookkeeping tensors (loss and grad-norm
   reductions, timers, flags), call ``model.cuda()`` and ``.cuda()`` on every batch, and set up
   DDP on a side CUDA stream; ``validate_args`` asks the GPU's architecture when TP > 1;
-- the rerun state machine saves and restores the CUDA RNG state.
+- the rerun state machine and ``checkpointing.py`` save and restore the CUDA RNG state, and the
+  checkpoint loader agrees on the iteration with a ``device='cuda'`` all-reduce.
 
 Each is redirected below to its CPU meaning: the CPU is "device 0" of one device, ``.cuda()``
 keeps a tensor where it is, streams are the default (CPU) stream, and the CUDA RNG state is
@@ -120,9 +121,9 @@ def enable_megatron_lm_cpu_execution() -> None:
         )
     enable_cpu_execution()
     from megatron.core import rerun_state_machine
-    from megatron.training import arguments, initialize, training, utils
+    from megatron.training import arguments, checkpointing, initialize, training, utils
 
-    _view_torch_as_cpu(initialize, training, utils, rerun_state_machine)
+    _view_torch_as_cpu(initialize, training, utils, checkpointing, rerun_state_machine)
     initialize._compile_dependencies = _compile_dataset_helpers_only
     training.set_jit_fusion_options = lambda: None
     arguments.get_device_arch_version = lambda: 0

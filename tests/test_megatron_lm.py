@@ -98,6 +98,25 @@ def test_recomputation_replays_the_attention_dropout(strategy, patched):
             != plain
 
 
+def test_a_helix_checkpoint_resumes_at_one_rank_as_megatrons_own(patched, reference, tmp_path):
+    """Saved by helix (2,2) (``--ckpt-format torch_dist``, Megatron-LM's default), resumed by
+    one rank: the checkpoint holds the standard tensors, so the resumed run is the one resumed
+    from a one-rank checkpoint of the same model (to float rounding), and its first iteration
+    continues the uninterrupted curve. (Megatron-LM's own resume on these CPU ranks does not
+    continue the curve past that first iteration, at the same layout too; the comparison is with
+    Megatron's own resume.)"""
+    first = ["--train-iters", "5", "--exit-interval", "3", "--save-interval", "3"]
+    helix, one = tmp_path / "helix", tmp_path / "one"
+    losses(pretrain(patched, 4, ["--helix-m", "2", "--helix-n", "2", *first, "--save",
+                                 str(helix)], iterations=5))
+    losses(pretrain(patched, 1, [*first, "--save", str(one)], iterations=5))
+    from_helix = losses(pretrain(patched, 1, ["--load", str(helix)], iterations=5))
+    from_one = losses(pretrain(patched, 1, ["--load", str(one)], iterations=5))
+    assert len(from_helix) == 2
+    assert_same_curve(from_helix, from_one)
+    assert_same_curve(from_helix[:1], reference(1, ())[3:4])
+
+
 IMPOSSIBLE = {
     "heads % n": (["--helix-m", "1", "--helix-n", "4", *HEADS_6],
                   "--helix-n 4 must divide --num-attention-heads 6"),
