@@ -80,8 +80,7 @@ def _killed_save(rank, world_size, directory):
     from megatron_helix import trainer_checkpoint
     from megatron_helix.trainer import build_parser, train
 
-    train(build_parser().parse_args(MODEL + HELIX_2x2 + ["--train-iters", "3",
-                                                          "--save", directory]))
+    train(build_parser().parse_args(MODEL + ["--train-iters", "3", "--save", directory]))
     original = os.replace
 
     def die(source, target):
@@ -91,9 +90,8 @@ def _killed_save(rank, world_size, directory):
 
     trainer_checkpoint.os.replace = die
     try:
-        train(build_parser().parse_args(MODEL + HELIX_2x2 + ["--train-iters", "6",
-                                                              "--load", directory,
-                                                              "--save", directory]))
+        train(build_parser().parse_args(MODEL + ["--train-iters", "6", "--load", directory,
+                                                 "--save", directory]))
     finally:
         trainer_checkpoint.os.replace = original
 
@@ -102,14 +100,14 @@ def _resume_from(rank, world_size, directory):
     from megatron_helix.trainer import build_parser, train
 
     return [m["iteration"] for m in train(build_parser().parse_args(
-        MODEL + HELIX_2x2 + ["--train-iters", "4", "--load", directory]))]
+        MODEL + ["--train-iters", "4", "--load", directory]))]
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     directory = str(tmp_path / "ckpt")
     with pytest.raises(Exception):
-        run_distributed(_killed_save, 4, directory)
+        run_distributed(_killed_save, 1, directory)
     assert os.path.isdir(os.path.join(directory, "iter_0000006"))  # written, never named
     with open(os.path.join(directory, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "3"
-    assert run_distributed(_resume_from, 4, directory)[0] == [4]
+    assert run_distributed(_resume_from, 1, directory)[0] == [4]
