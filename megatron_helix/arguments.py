@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.strategy import STRATEGIES
+from megatron_helix.checkpoint_record import mark_standard_layout, refuse_unreadable_checkpoint
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
 from megatron_helix.layout import rope_pairing
 from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
@@ -170,6 +171,34 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
     return problems
 
 
+def _checkpoint_errors(args: argparse.Namespace) -> List[str]:
+    """Checkpoint formats that would store a rank's helix-ordered tensors as they are.
+
+    Only torch_dist asks the model for its ``sharded_state_dict``, where the helix attention
+    describes its rows as pieces of the standard tensors; the distributed optimizer's default
+    ``dp_reshardable`` format flattens those pieces per data-parallel shard, which no standard
+    tensor can describe. Checked only when the run saves or loads.
+    """
+    if args.helix_m == 1 or not (getattr(args, "save", None) or getattr(args, "load", None)):
+        return []
+    problems = []
+    fmt = getattr(args, "ckpt_format", "torch_dist")
+    if fmt != "torch_dist":
+        problems.append(
+            f"--ckpt-format {fmt} with --helix-m {args.helix_m}: it would save each rank's "
+            f"attention rows in helix order, which only the same layout could read; use "
+            f"--ckpt-format torch_dist (Megatron's default), which stores the standard tensors"
+        )
+    if getattr(args, "use_distributed_optimizer", False) and not getattr(
+            args, "dist_ckpt_optim_fully_reshardable", False):
+        problems.append(
+            f"--use-distributed-optimizer with --helix-m {args.helix_m} saves its state "
+            f"flattened per data-parallel shard (dp_reshardable), which cannot hold the helix "
+            f"attention's standard-layout pieces; add --dist-ckpt-optim-fully-reshardable"
+        )
+    return problems
+
+
 def _ring_errors(args: argparse.Namespace, ring: int) -> List[str]:
     """What the ring core attention refuses at run time, said at argument time."""
     problems = []
@@ -299,6 +328,7 @@ def apply_helix_args(
     """
     if not hasattr(args, "helix_m"):
         return None
+    refuse_unreadable_checkpoint(args)
     layerwise = getattr(args, "helix_layerwise", False)
     budget = getattr(args, "helix_cache_budget", None)
     if not (uses_helix(args) or layerwise or budget is not None):
@@ -326,7 +356,7 @@ def apply_helix_args(
     elif budget is not None:
         problems.append("--helix-cache-budget needs --helix-layerwise")
     if uses_helix(args):
-        problems += _attention_errors(args)
+        problems += _attention_errors(args) + _checkpoint_errors(args)
     if cp > 1 and uses_helix(args):
         problems += _ring_errors(args, cp)
 
@@ -337,6 +367,8 @@ def apply_helix_args(
     if problems:
         raise HelixConfigError("invalid helix arguments:\n  - " + "\n  - ".join(problems))
 
+    if uses_helix(args):
+        mark_standard_layout(args)
     args.tensor_model_parallel_size = m * n
     args.context_parallel_size = args.helix_ring_size = cp
     args.pipeline_model_parallel_size = pp

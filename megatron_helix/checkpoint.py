@@ -109,9 +109,9 @@ def standard_layout_factory(
     def build(key, data, replica_id, flattened_range):
         if flattened_range is not None:
             raise NotImplementedError(
-                f"{key}: the distributed optimizer's flattened checkpoint of helix attention "
-                f"weights (--helix-m > 1) is not supported; save without "
-                f"--use-distributed-optimizer or with --ckpt-format torch"
+                f"{key}: the distributed optimizer's flattened (dp_reshardable) checkpoint of "
+                f"helix attention weights (--helix-m > 1) cannot hold the standard layout; "
+                f"save with --dist-ckpt-optim-fully-reshardable (the model-space format)"
             )
         return [
             ShardedTensor.from_rank_offsets(

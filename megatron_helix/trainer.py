@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--sequence-parallel", action="store_true",
                           help="Megatron's sequence parallelism (on by itself for MoE with TP)")
     add_helix_args(parser)
+    # trainer_checkpoint saves any optimizer in model space (Megatron's flag of that name)
+    parser.set_defaults(dist_ckpt_optim_fully_reshardable=True)
     return parser
 
 

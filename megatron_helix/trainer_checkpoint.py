@@ -8,7 +8,9 @@ RNG state (CPU generator and Megatron's RNG tracker, the helix dropout stream in
 complete checkpoint: it is replaced (atomically) only after every rank finished writing, so a
 save killed midway leaves the previous checkpoint as the one that loads.
 
-RNG states belong to one rank of one layout: they are restored when the loading layout equals
+The common state records the layout, the helix one included, so ``checkpoint_record`` can
+refuse at argument time a checkpoint no layout reads. RNG states belong to one rank of one
+layout: they are restored when the loading layout equals
 the saved one and otherwise left as seeded (said on rank 0). The data position is the
 iteration itself (``SyntheticData`` is a function of it).
 """
@@ -25,14 +27,20 @@ TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _layout() -> Dict[str, int]:
+def _layout() -> Dict[str, object]:
+    """This run's layout, with the record of its attention tensors' layout
+    (``checkpoint_record``)."""
     from megatron.core import parallel_state as mpu
+
+    from megatron_helix.checkpoint_record import layout_record
+    from megatron_helix.parallel_state import get_helix_m, get_helix_n
 
     return {
         "world": dist.get_world_size(),
         "tp": mpu.get_tensor_model_parallel_world_size(),
         "pp": mpu.get_pipeline_model_parallel_world_size(),
         "cp": mpu.get_context_parallel_world_size(),
+        **layout_record(get_helix_m(), get_helix_n()),
     }
 
 

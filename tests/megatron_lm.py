@@ -86,14 +86,25 @@ def pretrain(
 
 
 def losses(proc: subprocess.CompletedProcess) -> List[float]:
-    """The ``lm loss`` Megatron-LM logged at every iteration, in order."""
+    """The loss of every iteration of the run, in order, from Megatron-LM's ``lm loss`` log
+    (``--log-interval 1``).
+
+    Megatron-LM (core_v0.16.1 and core_v0.19.0 alike) logs the first iteration of a run without
+    resetting its loss accumulator (``should_reset = not is_first_iteration`` in
+    ``training_log``), so the second logged value of every run, fresh or resumed, is the mean
+    of the run's first two iterations. That mean is undone here, so a resumed run's losses
+    compare with an uninterrupted run's iteration by iteration.
+    """
     found = {int(it): float(loss) for it, loss in _LOSS.findall(proc.stdout + proc.stderr)}
     if proc.returncode != 0 or not found:
         raise AssertionError(
             f"pretrain_gpt.py exited {proc.returncode} with {len(found)} logged iterations:\n"
             f"{(proc.stdout + proc.stderr)[-4000:]}"
         )
-    return [found[i] for i in sorted(found)]
+    logged = [found[i] for i in sorted(found)]
+    if len(logged) > 1:
+        logged[1] = 2 * logged[1] - logged[0]
+    return logged
 
 
 def assert_same_curve(got: List[float], want: List[float], rtol: float = 1e-5) -> None:

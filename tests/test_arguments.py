@@ -59,6 +59,13 @@ def megatron_parser() -> argparse.ArgumentParser:
     parser.add_argument("--softmax-type", default="vanilla")
     parser.add_argument("--sft", action="store_true")
     parser.add_argument("--attention-output-gate", action="store_true")
+    for flag in ("--save", "--load", "--pretrained-checkpoint"):
+        parser.add_argument(flag, default=None)
+    parser.add_argument("--ckpt-format", default="torch_dist",
+                        choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"])
+    parser.add_argument("--ckpt-step", type=int, default=None)
+    parser.add_argument("--use-distributed-optimizer", action="store_true")
+    parser.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true")
     return add_helix_args(parser)
 
 
