@@ -202,12 +202,6 @@ def _checkpoint_errors(args: argparse.Namespace) -> List[str]:
 def _ring_errors(args: argparse.Namespace, ring: int) -> List[str]:
     """What the ring core attention refuses at run time, said at argument time."""
     problems = []
-    dropout = getattr(args, "attention_dropout", 0.0)
-    if dropout:
-        problems.append(
-            f"--attention-dropout {dropout} with --helix-ring-size {ring}: the ring attention "
-            f"has no dropout (Megatron-LM's default is 0.1); set --attention-dropout 0"
-        )
     comm = getattr(args, "cp_comm_type", None) or ["p2p"]
     comm = [comm] if isinstance(comm, str) else comm
     if any(kind != "p2p" for kind in comm):

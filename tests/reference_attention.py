@@ -56,11 +56,12 @@ def attention_inputs(
 
 
 def reference_with_grads(
-    q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool, mask: Optional[Tensor] = None
+    q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool, mask: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """``reference_attention`` and its input gradients for ``dout`` -> out, lse, (dq, dk, dv),
     computed in fp64 and returned in fp32 (on q's device)."""
     q, k, v = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    out, lse = reference_attention(q, k, v, causal, mask)
+    out, lse = reference_attention(q, k, v, causal, mask, keep)
     grads = torch.autograd.grad(out, (q, k, v), dout.double())
     return out.detach().float(), lse.detach().float(), tuple(g.float() for g in grads)

@@ -28,8 +28,6 @@ from megatron_helix.arguments import (
 # Seed 000's model: 32 heads of 128, hidden 4096.
 SEED000 = ["--num-layers", "4", "--hidden-size", "4096", "--num-attention-heads", "32",
            "--ffn-hidden-size", "16384", "--seq-length", "10000", "--micro-batch-size", "1"]
-# The ring has no attention dropout; Megatron-LM's default is 0.1.
-NO_DROPOUT = ["--attention-dropout", "0"]
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -168,7 +166,7 @@ def test_tensor_parallel_size_without_helix_group_points_at_helix_n():
 
 
 def test_ring_becomes_context_parallel_size():
-    args = apply(*SEED000, *NO_DROPOUT, "--helix-ring-size", "8")
+    args = apply(*SEED000, "--helix-ring-size", "8")
     assert args.context_parallel_size == 8 and args.tensor_model_parallel_size == 1
 
 
@@ -178,7 +176,7 @@ def test_contradicting_context_parallel_size_names_both_flags():
 
 
 def test_megatron_context_parallel_size_alone_is_the_helix_ring():
-    args = apply(*SEED000, *NO_DROPOUT, "--helix-m", "2", "--helix-n", "2",
+    args = apply(*SEED000, "--helix-m", "2", "--helix-n", "2",
                  "--context-parallel-size", "4")
     assert args.helix_ring_size == args.context_parallel_size == 4
     assert args.tensor_model_parallel_size == 4
@@ -261,13 +259,11 @@ def test_features_helix_attention_cannot_build(argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--helix-ring-size", "2"], "--attention-dropout 0.1 with --helix-ring-size 2: the ring "
-     "attention has no dropout (Megatron-LM's default is 0.1); set --attention-dropout 0"),
-    (["--helix-ring-size", "2", *NO_DROPOUT, "--cp-comm-type", "a2a"],
+    (["--helix-ring-size", "2", "--cp-comm-type", "a2a"],
      "--cp-comm-type a2a with --helix-ring-size 2"),
-    (["--helix-ring-size", "2", *NO_DROPOUT, "--window-size", "(64,0)"],
+    (["--helix-ring-size", "2", "--window-size", "(64,0)"],
      "--window-size with --helix-ring-size 2"),
-    (["--helix-ring-size", "2", *NO_DROPOUT, "--helix-m", "2", "--helix-n", "32"],
+    (["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "32"],
      "each head group's 1 heads and 1 key/value heads (--helix-n 32) must divide by --helix-m 2"),
     (["--helix-n", "2", "--softmax-type", "off-by-one"],
      "--softmax-type off-by-one: helix attention supports vanilla softmax"),
@@ -280,7 +276,7 @@ def test_run_time_refusals_are_argument_errors(argv, message):
 
 
 def test_ring_with_dim_slices_that_leave_whole_heads_per_rank():
-    args = apply(*SEED000, *NO_DROPOUT, "--helix-ring-size", "2", "--helix-m", "2",
+    args = apply(*SEED000, "--helix-ring-size", "2", "--helix-m", "2",
                  "--helix-n", "2", world_size=None)
     assert (args.tensor_model_parallel_size, args.context_parallel_size) == (4, 2)
 
@@ -354,7 +350,7 @@ def spec_calls(monkeypatch):
     (["--num-experts", "0"], dict(num_experts=None)),
     (["--qk-layernorm", "--helix-m", "1"], dict(qk_layernorm=True)),
     (["--helix-score-strategy", "allreduce"], dict(score_strategy="allreduce")),
-    (["--helix-ring-size", "2", *NO_DROPOUT], dict(ring=True)),
+    (["--helix-ring-size", "2"], dict(ring=True)),
     (["--position-embedding-type", "rope", "--normalization", "RMSNorm"],
      dict(position_embedding_type="rope", normalization="RMSNorm")),
 ])

@@ -114,9 +114,9 @@ def test_a_helix_checkpoint_resumes_at_one_rank(patched, reference, tmp_path):
 IMPOSSIBLE = {
     "heads % n": (["--helix-m", "1", "--helix-n", "4", *HEADS_6],
                   "--helix-n 4 must divide --num-attention-heads 6"),
-    "ring with Megatron's default dropout": (
-        ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1", "--attention-dropout",
-         "0.1"], "--attention-dropout 0.1 with --helix-ring-size 2"),
+    "ring with all-to-all context parallelism": (
+        ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1", "--cp-comm-type", "a2a"],
+        "--cp-comm-type a2a with --helix-ring-size 2"),
     "contradicting TP": (["--helix-m", "2", "--helix-n", "2", "--tensor-model-parallel-size",
                           "2"], "--tensor-model-parallel-size 2 contradicts --helix-m 2 x "
                                 "--helix-n 2 = 4"),

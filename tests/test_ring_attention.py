@@ -3,7 +3,8 @@
 The reference is plain torch math (scores, mask, softmax, autograd) on the full sequence in
 fp64 (``tests/reference_attention.py``). In-process tests cover the block kernel, the LSE merge
 and the zigzag layout; one 2-rank and one 4-rank gloo world run every ring case (causal and
-not, GQA, 3 heads, bf16), check that sends are posted before each block and waited after it,
+not, GQA, 3 heads, bf16, attention dropout against the reference with the same position-keyed
+mask), check that sends are posted before each block and waited after it,
 that every rank computes the same blocks, and (2 ranks) ``RingDotProductAttention`` under
 Megatron's parallel state.
 """
@@ -22,6 +23,7 @@ from megatron_helix.attention.block_kernel import (
     block_attention_forward,
     merge_block_,
 )
+from megatron_helix.attention.dropout_mask import draw_seed, keep_mask
 from megatron_helix.attention.ring_attention import ring_attention
 from megatron_helix.attention.zigzag import (
     zigzag_block,
@@ -51,6 +53,40 @@ RING_CASES = [
     (False, 4, 2, torch.float32, CHUNK + 2),  # keys longer than queries (non-causal only)
     (True, 4, 2, torch.bfloat16, CHUNK),
 ]
+# (causal, heads, kv groups): fp32 rings with attention dropout
+DROPOUT_CASES = [(True, 4, 2), (False, 3, 3)]
+DROPOUT_P, DROPOUT_SEED = 0.25, 5
+
+
+def _scaled_keep(seed: int, heads: int, sq: int, sk: int) -> torch.Tensor:
+    """The full-sequence dropout mask of ``dropout_mask``, scaled by ``1 / (1 - p)``."""
+    keep = keep_mask(seed, BATCH, heads, torch.arange(sq), torch.arange(sk), DROPOUT_P)
+    return keep / (1 - DROPOUT_P)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_kernel_with_dropout_matches_reference_with_grads(causal):
+    sk = 10 if causal else 13
+    q, k, v, dout = attention_inputs(10, sk, 4, 2)
+    keep = keep_mask(7, BATCH, 4, torch.arange(10), torch.arange(sk), DROPOUT_P)
+    assert 0.6 < keep.float().mean() < 0.9  # about 1 - p of the entries survive
+    out, lse = block_attention_forward(q, k, v, causal, HEAD_DIM ** -0.5, "auto", keep, DROPOUT_P)
+    ref_out, ref_lse, ref_grads = reference_with_grads(
+        q, k, v, dout, causal, keep=keep / (1 - DROPOUT_P))
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(lse, ref_lse, **FP32_TOL)  # the undropped normalizer
+    grads = block_attention_backward(
+        dout, q, k, v, out, lse, causal, HEAD_DIM ** -0.5, "auto", keep, DROPOUT_P)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **FP32_TOL)
+    assert not torch.allclose(out, reference_with_grads(q, k, v, dout, causal)[0], atol=1e-3)
+
+
+def test_dropout_masks_depend_on_seed_and_position_only():
+    rows, cols = torch.arange(8), torch.arange(8)
+    full = keep_mask(3, BATCH, 4, rows, cols, DROPOUT_P)
+    assert torch.equal(keep_mask(3, BATCH, 4, rows[5:], cols[:4], DROPOUT_P), full[:, :, 5:, :4])
+    assert not torch.equal(keep_mask(4, BATCH, 4, rows, cols, DROPOUT_P), full)
 
 
 # ---------------------------------------------------------------- block kernel, merge, zigzag
@@ -172,6 +208,14 @@ def _ring_cases(rank, world):
         out = ring_attention(q, k, v, causal, group=dist.group.WORLD)
         out.backward(dout)
         results.append((out.detach(), q.grad, k.grad, v.grad))
+    for causal, heads, groups in DROPOUT_CASES:
+        full = attention_inputs(2 * world * CHUNK, 2 * world * CHUNK, heads, groups)
+        q, k, v, dout = (zigzag_shard(x, rank, world) for x in full)
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        torch.manual_seed(DROPOUT_SEED)  # every rank draws the same mask seed
+        out = ring_attention(q, k, v, causal, group=dist.group.WORLD, dropout_p=DROPOUT_P)
+        out.backward(dout)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
     return results
 
 
@@ -260,7 +304,6 @@ def _module_checks(rank, world):
         (lambda: attention(world)(q, k, v, None, packed_seq_params=object()), "packed sequences"),
         (lambda: attention(world, AttnMaskType.padding)(
             q, k, v, torch.zeros(BATCH, 1, seq // world, seq, dtype=torch.bool)), "padding"),
-        (lambda: attention(world, attention_dropout=0.1)(q, k, v, None), "dropout 0.1"),
         (lambda: attention(world, cp_comm_type="a2a"), "cp_comm_type 'a2a'"),
         (lambda: attention(world, block_kernel="fast"), "unknown block kernel 'fast'"),
         (lambda: attention(world, block_kernel="flash_attn")(q, k, v, None), "cannot run here"),
@@ -304,6 +347,22 @@ def test_ring_matches_single_device_attention(ring_world):
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want, **tol, msg=lambda m: (
                 f"case {RING_CASES[i]}, {'out dq dk dv'.split()[j]}: {m}"))
+
+
+def test_ring_with_dropout_drops_what_one_device_drops(ring_world):
+    """The ring's masks are keyed by global position: the fp64 reference with the same full
+    mask gives the same output and gradients at every ring size."""
+    world, results = ring_world
+    torch.manual_seed(DROPOUT_SEED)
+    seed = draw_seed(torch.device("cpu"))
+    for i, (causal, heads, groups) in enumerate(DROPOUT_CASES, start=len(RING_CASES)):
+        seq = 2 * world * CHUNK
+        full = attention_inputs(seq, seq, heads, groups)
+        keep = _scaled_keep(seed, heads, seq, seq)
+        want_out, _, want_grads = reference_with_grads(*full, causal, keep=keep)
+        for j, want in enumerate((want_out, *want_grads)):
+            got = zigzag_unshard([rank_results["ring"][i][j] for rank_results in results])
+            torch.testing.assert_close(got, want, **FP32_TOL)
 
 
 def _expected_events(world):

@@ -4,9 +4,9 @@
 # (--helix-ring-size 16 = context-parallel size 16, 6250 tokens per rank). The seed's
 # baseline (TP=8 x PP=2, no sequence split) holds whole 100,000-token sequences per
 # pipeline stage; it may not fit in memory, which is part of what the comparison shows.
-# Changes Megatron-LM's default --attention-dropout 0.1 to 0, for every layout: the ring
-# attention has no dropout (refused at argument time otherwise), and the layouts must train
-# the same model.
+# Changes Megatron-LM's default --attention-dropout 0.1 to 0, for every layout: long contexts
+# train without attention dropout, and with it the ring would run its math block kernel, which
+# materializes each block's scores (fp32 [b, heads, 6250, 12500] per step here).
 #
 # usage: d_seed004_ring16_seq100k.sh {proposed|tp8pp2|tp16}     (environment: see common.sh)
 set -euo pipefail

@@ -7,7 +7,9 @@ output and LSE, never a per-block softmax. Two kernels provide that pair:
 
 * ``torch`` (``block_kernel_torch.py``): PyTorch's flash SDPA aten ops, CPU and CUDA, always
   there;
-* ``flash_attn`` (``block_kernel_flash_attn.py``): flash-attn >= 2.7 on CUDA, when installed.
+* ``flash_attn`` (``block_kernel_flash_attn.py``): flash-attn >= 2.7 on CUDA, when installed;
+* ``math`` (``block_kernel_math.py``): explicit fp32 scores, any device; the one with attention
+  dropout (a ``keep`` mask from ``dropout_mask``), which a block with dropout always runs.
 
 ``kernel="auto"`` takes ``flash_attn`` where it can run the block and ``torch`` otherwise; naming
 a kernel that cannot run the block is an error that says why.
@@ -17,21 +19,22 @@ Layout: Megatron's ``[s, b, heads, d]`` throughout, ``lse`` as ``[s, b, heads]``
 Megatron's ``repeat_interleave`` order) and their gradients leave reduced to ``g`` groups.
 Causal means the diagonal block: ``sq == sk`` and query ``i`` sees keys ``0..i``.
 
-Not supported: dropout (the CPU op refuses it, and the CUDA backward would need the forward's
-RNG state carried alongside the LSE) and fp32 on CUDA (flash kernels take fp16/bf16 only).
+The flash kernels run no dropout (the CPU op refuses it, and the CUDA backward would need the
+forward's RNG state carried alongside the LSE) and no fp32 on CUDA (fp16/bf16 only).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_helix.attention import block_kernel_flash_attn, block_kernel_torch
+from megatron_helix.attention import block_kernel_flash_attn, block_kernel_math, block_kernel_torch
 
-KERNELS = {"torch": block_kernel_torch, "flash_attn": block_kernel_flash_attn}
+KERNELS = {"torch": block_kernel_torch, "flash_attn": block_kernel_flash_attn,
+           "math": block_kernel_math}
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 
@@ -94,20 +97,25 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
 
 
 def block_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, kernel: str = "auto"
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, kernel: str = "auto",
+    keep: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """``softmax(scale * q k^T) v`` for one block, with its log-sum-exp.
 
     q ``[sq, b, h, d]``, k/v ``[sk, b, g, d]`` -> out ``[sq, b, h, d]`` (q's dtype),
-    lse ``[sq, b, h]`` fp32.
+    lse ``[sq, b, h]`` fp32. With ``keep`` (bool ``[b, h, sq, sk]``) the probabilities are
+    dropped where it is False and scaled by ``1 / (1 - dropout_p)``: the ``math`` kernel.
     """
     _check_block(q, k, v, causal)
+    if keep is not None:
+        return block_kernel_math.forward(q, k, v, causal, softmax_scale, keep, dropout_p)
     return KERNELS[select_kernel(q, kernel)].forward(q, k, v, causal, softmax_scale)
 
 
 def block_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     causal: bool, softmax_scale: float, kernel: str = "auto",
+    keep: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the rows' final ``out`` ``[sq, b, h, d]`` and ``lse``
     ``[sq, b, h]``.
@@ -115,9 +123,13 @@ def block_attention_backward(
     Passing the merged (global) out and lse rather than the block's own makes the result this
     block's exact share of the full gradient: ``P = exp(scale q k^T - lse)`` is the global
     probability and ``rowsum(dout * out)`` the global softmax correction.
+    ``keep`` / ``dropout_p``: the forward's dropout mask, rebuilt by the caller.
     Returns dq ``[sq, b, h, d]``, dk, dv ``[sk, b, g, d]`` in the inputs' dtype.
     """
     _check_block(q, k, v, causal)
+    if keep is not None:
+        return block_kernel_math.backward(
+            dout, q, k, v, out, lse, causal, softmax_scale, keep, dropout_p)
     return KERNELS[select_kernel(q, kernel)].backward(
         dout, q, k, v, out, lse, causal, softmax_scale
     )

@@ -16,12 +16,18 @@ with its owner holding the contributions of all ranks. dq accumulates locally in
 block's gradient uses the rows' final output and LSE, which makes it the exact share of the full
 gradient. GQA k/v travel un-expanded (``g`` groups, not ``h`` heads).
 
+Attention dropout keys each entry's keep decision to its global (batch, head, query, key)
+position and one seed drawn from the caller's RNG (``dropout_mask``): a block rebuilds its piece
+of the mask in the forward and again in the backward, nothing is stored, and a ring of any size
+drops what one device drops. Blocks with dropout run the ``math`` kernel.
+
 Tensors are Megatron's core-attention layout: q ``[s_local, b, h, d]``, k/v
 ``[s_local, b, g, d]``, output ``[s_local, b, h, d]``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -35,7 +41,8 @@ from megatron_helix.attention.block_kernel import (
     merge_block_,
     select_kernel,
 )
-from megatron_helix.attention.zigzag import ZigzagBlock, zigzag_block
+from megatron_helix.attention.dropout_mask import draw_seed, keep_mask
+from megatron_helix.attention.zigzag import ZigzagBlock, zigzag_block, zigzag_positions
 
 
 class _Transfer:
@@ -78,18 +85,35 @@ class _Ring:
         return _Transfer(works, received)
 
 
+@dataclass(frozen=True)
+class RingDropout:
+    """The attention dropout of one ring call: probability ``p`` and the seed of its masks."""
+
+    p: float
+    seed: int
+
+    def keep(self, q: Tensor, kv: Tensor, ring: _Ring, step: int, block: ZigzagBlock) -> Tensor:
+        """The bool keep mask ``[b, h, rows, cols]`` of ``block`` at ring ``step``."""
+        rows = zigzag_positions(ring.rank, ring.size, q.shape[0], q.device)[block.q_rows]
+        source = ring.source(step)
+        cols = zigzag_positions(source, ring.size, kv.shape[1], q.device)[block.kv_rows]
+        return keep_mask(self.seed, q.shape[1], q.shape[2], rows, cols, self.p)
+
+
 def forward_step(
     q: Tensor, kv: Tensor, block: ZigzagBlock, softmax_scale: float,
     out: Optional[Tensor], lse: Optional[Tensor], kernel: str = "auto",
+    keep: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """One ring step without communication: attend ``block``'s rows of q ``[s, b, h, d]`` to
     kv ``[2, s', b, g, d]`` and merge into the running fp32 ``out`` ``[s, b, h, d]`` and ``lse``
     ``[s, b, h]``. On the first step (the diagonal block, every row) pass ``out = lse = None``.
-    ``kernel``: the block kernel (``block_kernel.KERNEL_CHOICES``).
+    ``kernel``: the block kernel (``block_kernel.KERNEL_CHOICES``); ``keep``: the block's
+    dropout mask (``RingDropout.keep``), if any.
     """
     rows, cols = block.q_rows, block.kv_rows
     block_out, block_lse = block_attention_forward(
-        q[rows], kv[0, cols], kv[1, cols], block.causal, softmax_scale, kernel
+        q[rows], kv[0, cols], kv[1, cols], block.causal, softmax_scale, kernel, keep, dropout_p
     )
     if out is None:
         return block_out.float(), block_lse
@@ -100,21 +124,32 @@ def forward_step(
 def backward_step(
     dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, block: ZigzagBlock,
     softmax_scale: float, dq: Tensor, kernel: str = "auto",
+    keep: Optional[Tensor] = None, dropout_p: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """One backward ring step without communication: add the block's query gradient into the
     fp32 ``dq`` ``[s, b, h, d]`` and return its key/value gradients for ``block.kv_rows``."""
     rows, cols = block.q_rows, block.kv_rows
     dq_block, dk, dv = block_attention_backward(
         dout[rows], q[rows], kv[0, cols], kv[1, cols], out[rows], lse[rows], block.causal,
-        softmax_scale, kernel,
+        softmax_scale, kernel, keep, dropout_p,
     )
     dq[rows].add_(dq_block)
     return dk, dv
 
 
+def _dropout_args(
+    dropout: Optional[RingDropout], q: Tensor, kv: Tensor, ring: _Ring, step: int,
+    block: ZigzagBlock,
+) -> Tuple[Optional[Tensor], float]:
+    """``(keep, p)`` for a step: the block's mask, or ``(None, 0.0)`` without dropout."""
+    if dropout is None:
+        return None, 0.0
+    return dropout.keep(q, kv, ring, step, block), dropout.p
+
+
 def _ring_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, ring: _Ring,
-    kernel: str,
+    kernel: str, dropout: Optional[RingDropout] = None,
 ) -> Tuple[Tensor, Tensor]:
     """-> out ``[s, b, h, d]`` in q's dtype, lse ``[s, b, h]`` fp32."""
     kv = torch.stack((k, v))  # one contiguous message per step
@@ -122,7 +157,8 @@ def _ring_forward(
     for step in range(ring.size):
         incoming = ring.shift(kv) if step + 1 < ring.size else None
         block = zigzag_block(ring.rank, ring.source(step), q.shape[0], causal)
-        out, lse = forward_step(q, kv, block, softmax_scale, out, lse, kernel)
+        keep, p = _dropout_args(dropout, q, kv, ring, step, block)
+        out, lse = forward_step(q, kv, block, softmax_scale, out, lse, kernel, keep, p)
         if incoming is not None:
             kv = incoming.wait()
     return out.to(q.dtype), lse
@@ -130,7 +166,7 @@ def _ring_forward(
 
 def _ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-    softmax_scale: float, ring: _Ring, kernel: str,
+    softmax_scale: float, ring: _Ring, kernel: str, dropout: Optional[RingDropout] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv in the inputs' dtypes."""
     kv = torch.stack((k, v))
@@ -139,7 +175,8 @@ def _ring_backward(
     for step in range(ring.size):
         incoming = ring.shift(kv) if step + 1 < ring.size else None
         block = zigzag_block(ring.rank, ring.source(step), q.shape[0], causal)
-        dk, dv = backward_step(dout, q, kv, out, lse, block, softmax_scale, dq, kernel)
+        keep, p = _dropout_args(dropout, q, kv, ring, step, block)
+        dk, dv = backward_step(dout, q, kv, out, lse, block, softmax_scale, dq, kernel, keep, p)
         dkv = torch.zeros_like(kv, dtype=torch.float32) if grads_in is None else grads_in.wait()
         dkv[0, block.kv_rows].add_(dk)
         dkv[1, block.kv_rows].add_(dv)
@@ -154,18 +191,21 @@ class RingAttention(torch.autograd.Function):
     """Autograd wrapper: the backward is the ring pass of ``_ring_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, ring: _Ring, kernel: str):
-        out, lse = _ring_forward(q, k, v, causal, softmax_scale, ring, kernel)
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, ring: _Ring, kernel: str,
+                dropout: Optional[RingDropout]):
+        out, lse = _ring_forward(q, k, v, causal, softmax_scale, ring, kernel, dropout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.ring, ctx.kernel = causal, softmax_scale, ring, kernel
+        ctx.causal, ctx.softmax_scale, ctx.ring = causal, softmax_scale, ring
+        ctx.kernel, ctx.dropout = kernel, dropout
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv = _ring_backward(
-            dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.ring, ctx.kernel
+            dout, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.ring, ctx.kernel,
+            ctx.dropout,
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _default_group() -> Optional[dist.ProcessGroup]:
@@ -192,6 +232,7 @@ def ring_attention(
     softmax_scale: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
     kernel: str = "auto",
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Exact attention of zigzag-sharded q ``[s_local, b, h, d]`` to k, v ``[s_local, b, g, d]``
     over the ranks of ``group`` (default: Megatron's context-parallel group) ->
@@ -199,11 +240,20 @@ def ring_attention(
 
     Rank ``r`` of ``R`` holds chunks ``r`` and ``2R-1-r`` of ``2R`` (``zigzag_shard``; Megatron's
     ``get_batch_on_this_cp_rank``). ``softmax_scale`` defaults to ``d ** -0.5``. ``kernel``
-    picks the block kernel (``block_kernel``: ``auto``, ``torch``, ``flash_attn``); every rank
-    must resolve it alike. Differentiable in q, k and v. Without dropout: see ``block_kernel``.
+    picks the block kernel (``block_kernel``: ``auto``, ``torch``, ``flash_attn``, ``math``);
+    every rank must resolve it alike. ``dropout_p > 0`` drops attention probabilities with
+    position-keyed masks whose seed is drawn here from the default generator (call it inside
+    Megatron's RNG-tracker fork) and runs the ``math`` kernel. Differentiable in q, k and v.
     """
     check_qkv(q, k, v)
-    kernel = select_kernel(q, kernel)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and kernel not in ("auto", "math"):
+        raise ValueError(
+            f"attention dropout runs the 'math' block kernel (the flash kernels here carry no "
+            f"dropout RNG state to their backward); got kernel {kernel!r}"
+        )
+    kernel = select_kernel(q, "math" if dropout_p > 0 else kernel)
     ring = _Ring(_default_group() if group is None else group)
     if causal and q.shape[0] != k.shape[0]:
         raise ValueError(
@@ -216,4 +266,5 @@ def ring_attention(
             f"{q.shape[0]} is odd (the full sequence must be divisible by 2 x {ring.size})"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return RingAttention.apply(q, k, v, causal, scale, ring, kernel)
+    dropout = RingDropout(dropout_p, draw_seed(q.device)) if dropout_p > 0 else None
+    return RingAttention.apply(q, k, v, causal, scale, ring, kernel, dropout)

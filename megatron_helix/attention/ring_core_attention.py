@@ -9,7 +9,9 @@ gradient reductions over CP stay as they are.
 
 The softmax runs in fp32 inside the flash kernel, so ``apply_query_key_layer_scaling`` (an fp16
 overflow guard that cancels out mathematically) is not needed and the result equals
-``DotProductAttention``'s.
+``DotProductAttention``'s. Attention dropout runs the ring at every context-parallel size, one
+rank included, with position-keyed masks (``dropout_mask``) seeded from Megatron's RNG tracker,
+so recomputation replays them and a ring of any size drops what one rank drops.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from megatron_helix.attention.sdpa import sdpa_attention
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _MASKED = (AttnMaskType.padding, AttnMaskType.padding_causal, AttnMaskType.arbitrary)
 _SUPPORTED = (
-    "causal or unmasked self-attention on zigzag shards with any context-parallel size; padding "
-    "or arbitrary masks and attention dropout only with context-parallel size 1"
+    "causal or unmasked self-attention on zigzag shards, with or without attention dropout, at "
+    "any context-parallel size; padding or arbitrary masks only with context-parallel size 1"
 )
 
 
@@ -112,17 +114,27 @@ class RingDotProductAttention(MegatronModule):
         causal = mask_type in _CAUSAL
         mask = attention_mask if mask_type in _MASKED else None
         dropout_p = self.dropout_p if self.training else 0.0
-        self._refuse_unsupported(mask, dropout_p, attention_bias, packed_seq_params)
-        if mask is None and dropout_p == 0.0:
-            out = ring_attention(
-                query, key, value, causal, self.softmax_scale, self.cp_group, self.block_kernel
-            )
-        else:
-            out = self._local_attention(query, key, value, causal, mask, dropout_p)
+        self._refuse_unsupported(mask, attention_bias, packed_seq_params)
+        with self._dropout_rng(dropout_p):
+            if mask is None:
+                out = ring_attention(
+                    query, key, value, causal, self.softmax_scale, self.cp_group,
+                    self.block_kernel, dropout_p,
+                )
+            else:
+                out = sdpa_attention(
+                    query, key, value, causal, self.softmax_scale, mask, dropout_p)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
+    def _dropout_rng(self, dropout_p: float):
+        """Megatron's ``DotProductAttention`` draws dropout from the model-parallel RNG unless
+        sequence parallel is on; the tracker is only touched when there is dropout."""
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return nullcontext()
+
     def _refuse_unsupported(
-        self, mask: Optional[Tensor], dropout_p: float, attention_bias: Optional[Tensor],
+        self, mask: Optional[Tensor], attention_bias: Optional[Tensor],
         packed_seq_params: Optional[PackedSeqParams],
     ) -> None:
         unsupported = []
@@ -134,11 +146,6 @@ class RingDotProductAttention(MegatronModule):
         if cp_size > 1:
             if mask is not None:
                 unsupported.append("a padding or arbitrary mask with context parallelism")
-            if dropout_p > 0:
-                unsupported.append(
-                    f"attention dropout {dropout_p} with context parallelism (set "
-                    "--attention-dropout 0)"
-                )
             if self.attention_type != "self":
                 unsupported.append(f"{self.attention_type} attention with context parallelism")
         if unsupported:
@@ -146,15 +153,3 @@ class RingDotProductAttention(MegatronModule):
                 f"RingDotProductAttention (context-parallel size {cp_size}) does not support "
                 f"{', '.join(unsupported)}; supported: {_SUPPORTED}"
             )
-
-    def _local_attention(
-        self, query: Tensor, key: Tensor, value: Tensor, causal: bool, mask: Optional[Tensor],
-        dropout_p: float,
-    ) -> Tensor:
-        """One rank, with a mask ``[b, 1, sq, sk]`` (True = masked out) or dropout: torch SDPA."""
-        # Megatron's DotProductAttention draws dropout from the model-parallel RNG unless
-        # sequence parallel is on; the tracker is only touched when there is dropout.
-        forked = dropout_p > 0 and not self.config.sequence_parallel
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if forked else nullcontext()
-        with rng:
-            return sdpa_attention(query, key, value, causal, self.softmax_scale, mask, dropout_p)

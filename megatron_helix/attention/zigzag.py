@@ -47,6 +47,16 @@ def zigzag_shard(x: Tensor, rank: int, ring_size: int, dim: int = 0) -> Tensor:
     return torch.cat((chunks[early], chunks[late]), dim)
 
 
+def zigzag_positions(rank: int, ring_size: int, local_len: int, device=None) -> Tensor:
+    """The global sequence positions (int64 ``[local_len]``) of rank ``rank``'s zigzag shard."""
+    half = local_len // 2
+    early, late = zigzag_chunks(rank, ring_size)
+    if ring_size == 1:
+        return torch.arange(local_len, device=device)
+    return torch.cat((torch.arange(early * half, (early + 1) * half, device=device),
+                      torch.arange(late * half, (late + 1) * half, device=device)))
+
+
 def zigzag_unshard(shards: Sequence[Tensor], dim: int = 0) -> Tensor:
     """Inverse of ``zigzag_shard``: the full tensor from every rank's shard, in rank order."""
     ring_size = len(shards)
