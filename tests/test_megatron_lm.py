@@ -80,18 +80,25 @@ def test_the_unpatched_launcher_gives_the_same_curve(pristine, reference):
     assert_same_curve(curve, reference(1, ()))
 
 
-DROPOUT = ["--helix-m", "2", "--helix-n", "2", "--attention-dropout", "0.1"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
              "--recompute-num-layers", "1"]
+#: layouts whose attention draws dropout masks: the score all-reduce strategy's shared stream,
+#: and the ring's position-keyed masks (one seed drawn from the tracker per call)
+DROPOUT_LAYOUTS = {
+    "helix 2x2 allreduce": ["--helix-m", "2", "--helix-n", "2",
+                            "--helix-score-strategy", "allreduce"],
+    "ring 2 x helix 2x1": ["--helix-ring-size", "2", "--helix-m", "2", "--helix-n", "1"],
+}
 
 
-def test_recomputation_replays_the_attention_dropout(patched):
-    """Full recomputation reruns each layer's forward for its gradients; the helix dropout
-    masks (the score all-reduce strategy's shared stream) come from Megatron's RNG tracker, so
-    the rerun draws the same masks and the whole curve (every step's loss depends on the
-    previous steps' gradients) is unchanged; without dropout it is another. Both strategies,
-    step by step: tests/test_recompute_dropout.py."""
-    flags = [*DROPOUT, "--helix-score-strategy", "allreduce"]
+@pytest.mark.parametrize("name", list(DROPOUT_LAYOUTS))
+def test_recomputation_replays_the_attention_dropout(name, patched):
+    """Full recomputation reruns each layer's forward for its gradients; the attention's
+    dropout masks come from Megatron's RNG tracker, so the rerun draws the same masks and the
+    whole curve (every step's loss depends on the previous steps' gradients) is unchanged;
+    without dropout it is another. Gradient by gradient, both strategies and the ring:
+    tests/test_recompute_dropout.py."""
+    flags = [*DROPOUT_LAYOUTS[name], "--attention-dropout", "0.1"]
     plain = losses(pretrain(patched, 4, flags))
     assert losses(pretrain(patched, 4, [*flags, *RECOMPUTE])) == plain
     assert losses(pretrain(patched, 4, [*flags, *RECOMPUTE, "--attention-dropout", "0"])) != plain

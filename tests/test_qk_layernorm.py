@@ -10,11 +10,13 @@ Every step's loss must agree within 1e-5 relative. Gradients are compared shard 
 the one-device gradient cut the same way (so the whole gradient, once every rank has compared
 its shard), relative to that parameter's largest one-device entry: within 1e-5 at the first
 step, where both runs hold the same weights. Later steps start from weights that differ by
-Adam's response to rounding: its first update moves every entry by about ``lr * sign(g)``, so
-entries whose gradient is at rounding level move differently by up to ``2 lr``. That lifts the
-later gradients' differences to 1e-5 .. 1e-4 with or without q/k norms (helix 2 x 2 without
-them: 8e-6 at step 2), so those steps are held to 1e-3, still far below the O(1) errors of a
-missing or misplaced norm (a q/k norm applied at the wrong dims is off by > 1 at step 1).
+Adam's response to rounding: entries whose gradient is near Adam's epsilon (1e-8) turn absolute
+rounding differences of ~1e-10 into update differences ~100 times larger. Megatron's own tensor
+parallelism shows the same, in the same parameters (measured, this model at TP 2: the SwiGLU
+MLP weights off by 2.4e-5 .. 3.5e-5 at steps 2-5, against 4.0e-5 for helix 2 x 2), so each
+later step is held to the larger of 1e-5 and three times the error of Megatron's own TP on the
+same model at that step (TP 4 where the query groups allow it, else TP 2 with data parallel 2),
+run in the same 4-rank world.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ LAYOUTS = {
     "LayerNorm helix 2x2": ("qwen3 with LayerNorm", ["--helix-m", "2", "--helix-n", "2"]),
 }
 TOLERANCE = 1e-5
-LATER_STEP_TOLERANCE = 1e-3
+#: later steps: at most this many times Megatron's own TP error (see the module docstring)
+TIMES_MEGATRON_TP = 3
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +57,21 @@ def references():
     return run_distributed(train_recording, 1, runs)[0]
 
 
+#: Megatron's own tensor parallelism on each model, the largest its query groups allow (4 ranks)
+MEGATRON_TP = {"qwen3": 2, "qwen3, 4 query groups": 4, "qwen3 with LayerNorm": 2}
+
+
 @pytest.fixture(scope="module")
-def helix_runs(references):
+def parallel_runs(references):
+    """Every helix layout and ``Megatron TP <model>`` in one 4-rank world:
+    ``{run: {"losses": [...], "gradients": [{param: (error, scale)} per step]}}``."""
     runs = {name: (model, MODELS[model] + argv) for name, (model, argv) in LAYOUTS.items()}
+    runs.update({
+        f"Megatron TP {model}": (model, MODELS[model] + ["--tensor-model-parallel-size", str(tp)])
+        for model, tp in MEGATRON_TP.items()})
     per_rank = run_distributed(train_recording, 4, runs, references)
     results = {}
-    for name in LAYOUTS:
+    for name in runs:
         losses = per_rank[0][name]["losses"]
         assert all(r[name]["losses"] == losses for r in per_rank), "ranks disagree on the loss"
         # The whole gradient's error: the largest over the ranks' shards.
@@ -72,6 +84,12 @@ def helix_runs(references):
     return results
 
 
+def _step_errors(run):
+    """The whole gradient's largest error relative to its parameter's scale, per step."""
+    return [max(error / scale for error, scale in errors.values() if scale > 0)
+            for errors in run["gradients"]]
+
+
 def test_one_device_references_use_the_qk_norms(references):
     for name, run in references.items():
         assert run["losses"][-1] < run["losses"][0], f"{name}: the loss must fall"
@@ -81,21 +99,24 @@ def test_one_device_references_use_the_qk_norms(references):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_helix_with_qk_norm_matches_one_device(name, references, helix_runs):
-    reference, run = references[LAYOUTS[name][0]], helix_runs[name]
+def test_helix_with_qk_norm_matches_one_device(name, references, parallel_runs):
+    model = LAYOUTS[name][0]
+    reference, run = references[model], parallel_runs[name]
+    megatron = _step_errors(parallel_runs[f"Megatron TP {model}"])
     assert len(run["losses"]) == len(reference["losses"]) == 5
     loss_errors = [abs(got - want) / abs(want)
                    for want, got in zip(reference["losses"], run["losses"])]
-    grad_errors = [max(error / scale for error, scale in errors.values() if scale > 0)
-                   for errors in run["gradients"]]
+    grad_errors = _step_errors(run)
     print(f"\n{name}: largest relative loss difference {max(loss_errors):.2e}; gradients "
-          f"{' '.join(f'{e:.2e}' for e in grad_errors)} (steps 1-5)")
+          f"{' '.join(f'{e:.2e}' for e in grad_errors)} (steps 1-5); Megatron TP "
+          f"{MEGATRON_TP[model]}: {' '.join(f'{e:.2e}' for e in megatron)}")
     for step, error in enumerate(loss_errors, start=1):
         assert error <= TOLERANCE, f"step {step}: loss off by {error:.3g} relative"
     assert len(run["gradients"]) == 5
     for step, errors in enumerate(run["gradients"], start=1):
         assert errors.keys() == reference["gradients"][step - 1].keys()
-        tolerance = TOLERANCE if step == 1 else LATER_STEP_TOLERANCE
+        tolerance = TOLERANCE if step == 1 else max(
+            TOLERANCE, TIMES_MEGATRON_TP * megatron[step - 1])
         for param, (error, scale) in errors.items():
             assert error <= tolerance * scale, (
                 f"step {step}: gradient of {param} off by {error:.3g} (largest entry {scale:.3g})"
