@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 # checkpoint writer, which hangs without it. The tests run the vendored Megatron-LM.
 MEGATRON_LM_REQUIRES = ["six", "regex", "pyyaml", "pydantic", "einops", "triton", "pybind11",
                         "psutil"]
+# The Hugging Face export (megatron_helix/hf_export.py): mbridge maps megatron-core's GPT weights
+# to transformers' Llama; tested with mbridge 0.15.1 and transformers 4.57.6.
+HF_REQUIRES = ["mbridge>=0.15.1,<0.16", "transformers>=4.56", "safetensors"]
 
 setup(
     name="megatron_helix",
@@ -29,7 +32,8 @@ setup(
     ],
     extras_require={
         "megatron-lm": MEGATRON_LM_REQUIRES,
-        "test": ["pytest>=7", "matplotlib", *MEGATRON_LM_REQUIRES],
+        "hf": HF_REQUIRES,
+        "test": ["pytest>=7", "matplotlib", *MEGATRON_LM_REQUIRES, *HF_REQUIRES],
         "plot": ["matplotlib"],
         # transformer-engine and apex are used when importable; they are never required.
     },

@@ -57,8 +57,10 @@ def unreadable_reason(recorded: Any, where: str) -> Optional[str]:
     return None
 
 
-def _iteration_dir(load_dir: Path, step: Optional[int]) -> Optional[Path]:
-    """The directory Megatron-LM would load from ``load_dir``, or None when there is none."""
+def checkpoint_dir(load_dir: str, step: Optional[int] = None) -> Optional[Path]:
+    """The checkpoint Megatron-LM (and the plugin trainer) would load from ``load_dir``: the
+    iteration its tracker file names (or ``step``), or None when there is none."""
+    load_dir = Path(load_dir)
     if step is None:
         tracker = load_dir / TRACKER
         if not tracker.is_file():
@@ -78,7 +80,7 @@ def saved_record(load_dir: str, step: Optional[int] = None) -> Any:
     there is no checkpoint or no record."""
     import torch
 
-    path = _iteration_dir(Path(load_dir), step)
+    path = checkpoint_dir(load_dir, step)
     if path is None:
         return None
     files = [path / "common.pt"] if (path / "common.pt").is_file() else sorted(

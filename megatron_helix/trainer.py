@@ -349,3 +349,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         os.remove(args.metrics_file)
     train(args)
     dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

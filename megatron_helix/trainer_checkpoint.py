@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_helix.checkpoint_record import TRACKER, checkpoint_dir
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -102,6 +102,18 @@ def save_checkpoint(directory: str, iteration: int, model, optimizer) -> str:
     return path
 
 
+def newest_checkpoint(directory: str) -> str:
+    """The newest complete checkpoint under ``directory`` (what its tracker file names).
+
+    Raises:
+        FileNotFoundError: no tracker file (no complete checkpoint) in ``directory``.
+    """
+    path = checkpoint_dir(directory)
+    if path is None:
+        raise FileNotFoundError(f"--load {directory}: no {TRACKER}, so no complete checkpoint")
+    return str(path)
+
+
 def load_checkpoint(directory: str, model, optimizer) -> int:
     """Load the newest complete checkpoint under ``directory``; return its iteration.
 
@@ -110,12 +122,8 @@ def load_checkpoint(directory: str, model, optimizer) -> int:
     """
     from megatron.core import dist_checkpointing
 
-    tracker = os.path.join(directory, TRACKER)
-    if not os.path.isfile(tracker):
-        raise FileNotFoundError(f"--load {directory}: no {TRACKER}, so no complete checkpoint")
-    with open(tracker, encoding="utf-8") as f:
-        iteration = int(f.read().strip())
-    path = os.path.join(directory, f"iter_{iteration:07d}")
+    path = newest_checkpoint(directory)
+    iteration = int(os.path.basename(path)[len("iter_"):])
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common["layout"] == _layout()
     state = _state(model, optimizer, iteration, is_loading=True)
