@@ -16,7 +16,8 @@ parallelism shows the same, in the same parameters (measured, this model at TP 2
 MLP weights off by 2.4e-5 .. 3.5e-5 at steps 2-5, against 4.0e-5 for helix 2 x 2), so each
 later step is held to the larger of 1e-5 and three times the error of Megatron's own TP on the
 same model at that step (TP 4 where the query groups allow it, else TP 2 with data parallel 2),
-run in the same 4-rank world.
+run in the same 4-rank world. And every layout runs a second time starting each step from the
+one-device weights of that step: there every step's loss and every gradient are within 1e-5.
 """
 
 from __future__ import annotations
@@ -63,9 +64,12 @@ MEGATRON_TP = {"qwen3": 2, "qwen3, 4 query groups": 4, "qwen3 with LayerNorm": 2
 
 @pytest.fixture(scope="module")
 def parallel_runs(references):
-    """Every helix layout and ``Megatron TP <model>`` in one 4-rank world:
+    """Every helix layout (on its own trajectory and at the one-device weights of every step)
+    and ``Megatron TP <model>`` in one 4-rank world:
     ``{run: {"losses": [...], "gradients": [{param: (error, scale)} per step]}}``."""
     runs = {name: (model, MODELS[model] + argv) for name, (model, argv) in LAYOUTS.items()}
+    runs.update({f"{name}, same weights": (model, MODELS[model] + argv, "same weights")
+                 for name, (model, argv) in LAYOUTS.items()})
     runs.update({
         f"Megatron TP {model}": (model, MODELS[model] + ["--tensor-model-parallel-size", str(tp)])
         for model, tp in MEGATRON_TP.items()})
@@ -119,5 +123,20 @@ def test_helix_with_qk_norm_matches_one_device(name, references, parallel_runs):
             TOLERANCE, TIMES_MEGATRON_TP * megatron[step - 1])
         for param, (error, scale) in errors.items():
             assert error <= tolerance * scale, (
+                f"step {step}: gradient of {param} off by {error:.3g} (largest entry {scale:.3g})"
+            )
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_helix_gradients_at_the_same_weights_match_one_device(name, references, parallel_runs):
+    """Every step starts from the one-device run's weights at that step: the loss and every
+    gradient are then the one-device ones within 1e-5, at all 5 steps (no Adam drift)."""
+    reference, run = references[LAYOUTS[name][0]], parallel_runs[f"{name}, same weights"]
+    assert len(run["losses"]) == len(run["gradients"]) == 5
+    for step, (want, got) in enumerate(zip(reference["losses"], run["losses"]), start=1):
+        assert abs(got - want) <= TOLERANCE * abs(want), f"step {step}: loss {got} vs {want}"
+    for step, errors in enumerate(run["gradients"], start=1):
+        for param, (error, scale) in errors.items():
+            assert error <= TOLERANCE * scale, (
                 f"step {step}: gradient of {param} off by {error:.3g} (largest entry {scale:.3g})"
             )

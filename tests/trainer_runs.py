@@ -15,31 +15,56 @@ def _gradients(model_chunks):
             for _, global_name, param in named_global_parameters(model_chunks)}
 
 
-def _errors_against(reference, model_chunks):
-    """``{global name: (largest |shard - one-device shard|, largest |one-device gradient|)}``."""
+def _parameters(model_chunks):
+    """``{global name: parameter}`` (one device: the full tensors)."""
+    from megatron_helix.sharding import named_global_parameters
+
+    return {global_name: param.detach().clone()
+            for _, global_name, param in named_global_parameters(model_chunks)}
+
+
+def _this_ranks_shards(full_tensors, model_chunks):
+    """``(global name, parameter, this rank's shard of the one-device tensor)`` for every
+    parameter: the full tensor put in helix order where the layout has one, then cut as the
+    parameter is."""
     from megatron_helix.checkpoint import to_helix
     from megatron_helix.sharding import helix_layouts, named_global_parameters, shard
 
     layouts = helix_layouts(model_chunks)
     config = model_chunks[0].config
-    errors = {}
     for _, global_name, param in named_global_parameters(model_chunks):
-        full = reference[global_name]
+        full = full_tensors[global_name]
         for prefix, layout in layouts.items():
             if global_name.startswith(prefix):
                 full = to_helix(global_name, full, layout)
-        expected = shard(full, param, global_name, config)
-        errors[global_name] = (float((param.main_grad - expected).abs().max()),
-                               float(full.abs().max()))
-    return errors
+        yield global_name, param, shard(full, param, global_name, config)
+
+
+def _errors_against(reference, model_chunks):
+    """``{global name: (largest |shard - one-device shard|, largest |one-device gradient|)}``."""
+    return {global_name: (float((param.main_grad - expected).abs().max()),
+                          float(reference[global_name].abs().max()))
+            for global_name, param, expected in _this_ranks_shards(reference, model_chunks)}
+
+
+def _load_shards(full_tensors, model_chunks):
+    """Set every parameter to its shard of the one-device ``full_tensors``."""
+    import torch
+
+    with torch.no_grad():
+        for _, param, shard in _this_ranks_shards(full_tensors, model_chunks):
+            param.copy_(shard)
 
 
 def train_recording(rank, world_size, runs, references=None):
     """Train each run with the plugin trainer; record the gradients of every optimizer step.
 
-    Without ``references`` (one device) a run returns its losses and full gradients; with
-    them, its losses and, per step, how far each of this rank's shards is from the one-device
-    gradient of ``references[model]``.
+    Without ``references`` (one device) a run returns its losses, full gradients and the
+    parameters each step's gradient was taken at; with them, its losses and, per step, how far
+    each of this rank's shards is from the one-device gradient of ``references[model]``. A run
+    given as ``(model, argv, "same weights")`` starts every step from the one-device run's
+    parameters at that step, so its gradients are compared at identical weights, free of the
+    trajectories' drift.
     """
     import megatron.core.optimizer as megatron_optimizer
 
@@ -47,8 +72,9 @@ def train_recording(rank, world_size, runs, references=None):
 
     build_optimizer = megatron_optimizer.get_megatron_optimizer
     results = {}
-    for name, (model, argv) in runs.items():
-        steps = []
+    for name, (model, argv, *mode) in runs.items():
+        steps, parameters = [], []
+        same_weights = mode == ["same weights"]
 
         def recording_optimizer(config, model_chunks, *args, **kwargs):
             optimizer = build_optimizer(config, model_chunks, *args, **kwargs)
@@ -57,10 +83,14 @@ def train_recording(rank, world_size, runs, references=None):
             def recorded_step(*step_args, **step_kwargs):
                 if references is None:
                     steps.append(_gradients(model_chunks))
+                    parameters.append(_parameters(model_chunks))
                 else:
                     reference = references[model]["gradients"][len(steps)]
                     steps.append(_errors_against(reference, model_chunks))
-                return step(*step_args, **step_kwargs)
+                stepped = step(*step_args, **step_kwargs)
+                if same_weights and len(steps) < len(references[model]["parameters"]):
+                    _load_shards(references[model]["parameters"][len(steps)], model_chunks)
+                return stepped
 
             optimizer.step = recorded_step
             return optimizer
@@ -71,4 +101,6 @@ def train_recording(rank, world_size, runs, references=None):
         finally:
             megatron_optimizer.get_megatron_optimizer = build_optimizer
         results[name] = {"losses": losses, "gradients": steps}
+        if references is None:
+            results[name]["parameters"] = parameters
     return results
