@@ -47,6 +47,7 @@ def enable_cpu_execution() -> bool:
     _give_the_moe_dispatcher_the_cpu_stream()
     _clip_cpu_grads()
     _route_rng_tracker_to_cpu_generator()
+    _run_the_distributed_optimizer_on_cpu()
     logger.info("megatron_helix: megatron-core patched for CPU execution")
     return True
 
@@ -134,6 +135,94 @@ def _redirect_cuda_factories() -> None:
 
     for module in (schedules, optimizer, clip_grads, moe_utils, utils):
         module.torch = CpuTorch()
+
+
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda():
+    """``Tensor.type()`` (no argument) reports ``torch.cuda.FloatTensor`` for a CPU fp32 tensor,
+    and likewise for every dtype; any other use of ``Tensor.type`` is unchanged."""
+    original = torch.Tensor.type
+
+    def named(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and not self.is_cuda:
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _run_the_distributed_optimizer_on_cpu() -> None:
+    """megatron-core 0.16.1's ``DistributedOptimizer`` on CPU parameters.
+
+    Its construction sorts parameters into fp32 and fp16/bf16 groups by their CUDA type names
+    and raises for any other name: it sees CPU parameters under the CUDA names of their dtypes.
+    Gathering its state for a checkpoint moves each shard to the GPU unless it is told to use
+    the gloo data-parallel group, which on CPU it always is. With torch's Adam (the optimizer
+    without Transformer Engine or apex) its ``state_dict`` reads Adam's step from the
+    parameters' state, which a fresh optimizer about to load a checkpoint does not have yet:
+    there it reads step 0, as the fused optimizers' parameter groups would say; and loading the
+    model-space (``fully_reshardable``) format copies every state entry, the step included,
+    from the checkpoint's tensors, which carry the step in the parameter groups instead: the
+    step already restored from there is kept. That restored step is one tensor shared by every
+    parameter, which torch's Adam increments in place once per parameter, so every parameter
+    gets its own copy. (Its buffers allocate on ``torch.cuda.current_device()``, the CPU
+    here.)
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init, gather = DistributedOptimizer.__init__, DistributedOptimizer.get_parameter_state_dp_zero
+    state_dict = DistributedOptimizer.state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    load_state_dict = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(init)
+    def init_on_cpu(self, *args, **kwargs):
+        with _cpu_tensors_named_as_cuda():
+            init(self, *args, **kwargs)
+
+    @functools.wraps(gather)
+    def gather_with_gloo(self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False):
+        del use_gloo_comm
+        return gather(self, use_gloo_comm=True, empty_data=empty_data,
+                      return_on_all_ranks=return_on_all_ranks)
+
+    @functools.wraps(state_dict)
+    def state_dict_before_the_first_step(self):
+        if self.optimizer.state:
+            return state_dict(self)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                self.optimizer.state[param]["step"] = torch.tensor(0.0)
+        try:
+            return state_dict(self)
+        finally:
+            self.optimizer.state.clear()
+
+    @functools.wraps(set_states)
+    def set_states_keeping_the_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        if step is not None and "step" not in tensors:
+            tensors = {**tensors, "step": step}
+        set_states(self, model_param, tensors)
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_with_a_step_per_parameter(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.__init__ = init_on_cpu
+    DistributedOptimizer.load_state_dict = load_state_dict_with_a_step_per_parameter
+    DistributedOptimizer.get_parameter_state_dp_zero = gather_with_gloo
+    DistributedOptimizer.state_dict = state_dict_before_the_first_step
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_the_step
 
 
 def _give_the_moe_dispatcher_the_cpu_stream() -> None:

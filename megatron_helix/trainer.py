@@ -208,11 +208,6 @@ def initialize(args) -> torch.dtype:
             "expert biases in place on a view, which autograd rejects"
         )
     if not torch.cuda.is_available():
-        if args.use_distributed_optimizer:
-            raise ValueError(
-                "--use-distributed-optimizer needs CUDA: megatron-core 0.16.1's distributed "
-                "optimizer accepts only CUDA parameters"
-            )
         if args.bf16 or args.fp16:
             raise ValueError(
                 "--bf16/--fp16 training needs CUDA: megatron-core 0.16.1's mixed-precision "

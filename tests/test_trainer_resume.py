@@ -5,8 +5,9 @@ equal an uninterrupted six-step run at A within 1e-5 relative (the model, Adam's
 the data position all come back; fp32 on gloo ranks). Also: a save that dies before the tracker
 file is replaced leaves the previous checkpoint as the one that loads.
 
-The distributed optimizer is not covered: megatron-core 0.16.1's accepts only CUDA parameters,
-so it cannot run on these CPU ranks (the trainer refuses it there).
+With the distributed optimizer (its model-space ``fully_reshardable`` format): helix (2,2) ->
+helix (1,4), and helix (2,1) x data parallel 2, whose Adam state is sharded over the two
+data-parallel ranks, -> helix (2,2).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8
 TP1: list = []
 HELIX_2x2 = ["--helix-m", "2", "--helix-n", "2"]
 HELIX_4x1 = ["--helix-m", "4", "--helix-n", "1"]
+DISTOPT = ["--use-distributed-optimizer"]
+HELIX_2x2_DO = HELIX_2x2 + DISTOPT
+HELIX_1x4_DO = ["--helix-m", "1", "--helix-n", "4", *DISTOPT]
+HELIX_2x1_DP2_DO = ["--helix-m", "2", "--helix-n", "1", *DISTOPT]
 TOLERANCE = 1e-5
 
 
@@ -37,7 +42,7 @@ def _train(rank, world_size, runs):
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    saved = {name: str(root / name) for name in ("tp1", "helix")}
+    saved = {name: str(root / name) for name in ("tp1", "helix", "helix do", "dp2 do")}
 
     def save(layout, name):
         return layout + ["--train-iters", "3", "--save", saved[name]]
@@ -54,6 +59,12 @@ def curves(tmp_path_factory):
         ("helix 2x2, first 3", save(HELIX_2x2, "helix")),
         ("helix 2x2 -> helix 4x1", resume(HELIX_4x1, "helix")),
         ("TP 1 -> helix 2x2", resume(HELIX_2x2, "tp1")),
+        ("helix 2x2 DO, 6 steps", HELIX_2x2_DO + six),
+        ("helix 2x2 DO, first 3", save(HELIX_2x2_DO, "helix do")),
+        ("helix 2x2 DO -> helix 1x4 DO", resume(HELIX_1x4_DO, "helix do")),
+        ("helix 2x1 x DP 2 DO, 6 steps", HELIX_2x1_DP2_DO + six),
+        ("helix 2x1 x DP 2 DO, first 3", save(HELIX_2x1_DP2_DO, "dp2 do")),
+        ("helix 2x1 x DP 2 DO -> helix 2x2 DO", resume(HELIX_2x2_DO, "dp2 do")),
     ])[0])
     curves.update(run_distributed(_train, 1, [
         ("helix 2x2 -> TP 1", resume(TP1, "helix")),
@@ -65,6 +76,8 @@ def curves(tmp_path_factory):
     ("helix 2x2", "helix 2x2 -> TP 1"),
     ("TP 1", "TP 1 -> helix 2x2"),
     ("helix 2x2", "helix 2x2 -> helix 4x1"),
+    ("helix 2x2 DO", "helix 2x2 DO -> helix 1x4 DO"),
+    ("helix 2x1 x DP 2 DO", "helix 2x1 x DP 2 DO -> helix 2x2 DO"),
 ])
 def test_resume_at_another_layout_continues_the_curve(first, resumed, curves):
     uninterrupted = curves[f"{first}, 6 steps"]
