@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.strategy import STRATEGIES
-from megatron_helix.checkpoint_record import mark_standard_layout, refuse_unreadable_checkpoint
+from megatron_helix.checkpoint_record import check_checkpoint_to_load, mark_standard_layout
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
 from megatron_helix.layout import rope_pairing
 from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
@@ -322,7 +322,7 @@ def apply_helix_args(
     """
     if not hasattr(args, "helix_m"):
         return None
-    refuse_unreadable_checkpoint(args)
+    check_checkpoint_to_load(args)
     layerwise = getattr(args, "helix_layerwise", False)
     budget = getattr(args, "helix_cache_budget", None)
     if not (uses_helix(args) or layerwise or budget is not None):

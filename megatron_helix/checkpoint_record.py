@@ -39,12 +39,17 @@ def layout_record(helix_m: int, helix_n: int) -> dict:
     return {"helix_m": helix_m, "helix_n": helix_n, LAYOUT_KEY: STANDARD_LAYOUT}
 
 
+def _read(recorded: Any, key: str) -> Any:
+    """``recorded[key]`` of a record that is a dict (trainer) or a Namespace (Megatron-LM)."""
+    return recorded.get(key) if isinstance(recorded, dict) else getattr(recorded, key, None)
+
+
 def unreadable_reason(recorded: Any, where: str) -> Optional[str]:
     """Why no layout can read a checkpoint whose record (saved Megatron-LM ``args``, or the
     trainer's layout dict) is ``recorded``; None when its attention tensors are standard.
     ``where`` names the checkpoint in the message."""
-    read = recorded.get if isinstance(recorded, dict) else lambda k: getattr(recorded, k, None)
-    m, n, layout = read("helix_m") or 1, read("helix_n") or 1, read(LAYOUT_KEY)
+    m, n = _read(recorded, "helix_m") or 1, _read(recorded, "helix_n") or 1
+    layout = _read(recorded, LAYOUT_KEY)
     if layout not in (None, STANDARD_LAYOUT):
         return (f"{where} records its attention tensors in the {layout!r} layout, which this "
                 f"megatron_helix cannot map (it reads {STANDARD_LAYOUT!r})")
@@ -95,17 +100,28 @@ def saved_record(load_dir: str, step: Optional[int] = None) -> Any:
     return state.get("args", state.get("layout"))
 
 
-def refuse_unreadable_checkpoint(args: argparse.Namespace) -> None:
+def check_checkpoint_to_load(args: argparse.Namespace) -> None:
     """Raise ``HelixConfigError`` when ``--load`` or ``--pretrained-checkpoint`` names a
-    checkpoint no layout can read; call at argument time, on every run, helix or not."""
+    checkpoint no layout can read; call at argument time, on every run, helix or not.
+
+    A readable checkpoint saved at another helix layout is said on rank 0: the layout is the
+    command line's (``--use-checkpoint-args`` restores the model shape, not parallel sizes).
+    """
     for flag in ("load", "pretrained_checkpoint"):
         directory = getattr(args, flag, None)
         if not directory:
             continue
         step = getattr(args, "ckpt_step", None) if flag == "load" else None
         recorded = saved_record(directory, step)
-        option = "--" + flag.replace("_", "-")
-        reason = None if recorded is None else unreadable_reason(
-            recorded, f"the checkpoint in {option} {directory}")
+        if recorded is None:
+            continue
+        where = f"the checkpoint in --{flag.replace('_', '-')} {directory}"
+        reason = unreadable_reason(recorded, where)
         if reason:
             raise HelixConfigError(f"refusing to load: {reason}")
+        saved = (_read(recorded, "helix_m") or 1, _read(recorded, "helix_n") or 1)
+        run = (getattr(args, "helix_m", 1), getattr(args, "helix_n", 1))
+        if saved != (1, 1) and saved != run and getattr(args, "rank", 0) == 0:
+            print(f"megatron_helix: {where} was saved at helix ({saved[0]},{saved[1]}) with its "
+                  f"attention tensors in the standard layout; this run reads them at helix "
+                  f"({run[0]},{run[1]})", flush=True)

@@ -69,9 +69,38 @@ def _load(rank, world_size, loads):
     return errors
 
 
+#: models the helix (2,2) checkpoint does not cover exactly: -> what loading them must say
+MISMATCHED = {
+    "a layer the checkpoint lacks": (["--num-layers", "3"], "Global shape mismatch"),
+    "other key/value heads": (["--num-query-groups", "2"], "linear_qkv"),
+}
+
+
+def _mismatch_errors(directory):
+    """``{name: the error loading the checkpoint raised}`` for each ``MISMATCHED`` model."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_helix.trainer import teardown
+
+    errors = {}
+    for name, (shape, _) in MISMATCHED.items():
+        model = _model(shape, OTHER_SEED)
+        try:
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
+            errors[name] = None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # torch's CheckpointException is a BaseException
+            errors[name] = f"{type(error).__name__}: {error}"
+        teardown()
+    return errors
+
+
 def _save_then_load(rank, world_size, save, loads):
     _save(rank, world_size, *save)
-    return _load(rank, world_size, loads)
+    errors = _load(rank, world_size, loads)
+    errors["mismatched"] = _mismatch_errors(loads["one rank"][1])
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +126,13 @@ def four_rank_errors(checkpoints, one_rank_errors):
 
 def test_helix_checkpoint_loads_at_one_rank(one_rank_errors):
     assert one_rank_errors["one rank"] == 0.0
+
+
+@pytest.mark.parametrize("name", list(MISMATCHED))
+def test_a_checkpoint_that_does_not_cover_the_model_fails_loudly(name, one_rank_errors):
+    error = one_rank_errors["mismatched"][name]
+    assert error is not None, f"{name}: loaded without an error"
+    assert MISMATCHED[name][1] in error, error
 
 
 @pytest.mark.parametrize("name", [*LOAD_LAYOUTS, "helix 2x2 from one rank"])

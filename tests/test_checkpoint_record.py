@@ -61,12 +61,16 @@ def test_an_old_helix_ordered_checkpoint_is_refused_at_every_layout(tmp_path, ru
     assert "--helix-m 2 --helix-n 2" in message and "helix order" in message
 
 
-def test_the_record_of_a_standard_checkpoint_lets_every_layout_load(tmp_path):
+def test_the_record_of_a_standard_checkpoint_lets_every_layout_load(tmp_path, capsys):
     saved = _apply(*HELIX_2x2, "--save", str(tmp_path))
     assert getattr(saved, LAYOUT_KEY) == STANDARD_LAYOUT  # what Megatron-LM saves with it
     load = _checkpoint(tmp_path, saved)
     for run in ([], HELIX_2x2, ["--helix-m", "1", "--helix-n", "4"]):
         _apply(*run, "--load", str(load))
+    said = capsys.readouterr().out.splitlines()
+    assert [line.split("this run reads them at ")[1] for line in said] == [
+        "helix (1,1)", "helix (1,4)"], said  # another layout is said, the same one is not
+    assert "saved at helix (2,2) with its attention tensors in the standard layout" in said[0]
 
 
 def test_the_trainers_layout_record_is_read_too(tmp_path):
