@@ -2,7 +2,7 @@
 
 Megatron's ``dist_checkpointing`` (what ``--ckpt-format torch_dist`` writes) on gloo ranks:
 a model saved at helix (2,2) loads at one rank (Megatron's own local spec), TP 2, helix (4,1),
-helix (1,4) and PP 2 x helix (2,1); a one-rank checkpoint loads at helix (2,2). Every loaded
+helix (1,4) and PP 2 x helix (2,1); one-rank and TP 2 checkpoints load at helix (2,2). Every loaded
 tensor must equal, exactly, what the same seed builds at the loading layout (the plugin's
 initialization gives every layout the same model), so a scrambled QKV row or projection column
 fails. Before the helix attention described its shards as pieces of the standard tensors, the
@@ -96,31 +96,37 @@ def _mismatch_errors(directory):
     return errors
 
 
-def _save_then_load(rank, world_size, save, loads):
+def _save_then_load(rank, world_size, save, loads, mismatched_from=None):
+    """Save ``save = (layout, directory)``, then ``_load`` (and, given a checkpoint
+    directory, load it into the ``MISMATCHED`` models)."""
     _save(rank, world_size, *save)
     errors = _load(rank, world_size, loads)
-    errors["mismatched"] = _mismatch_errors(loads["one rank"][1])
+    if mismatched_from is not None:
+        errors["mismatched"] = _mismatch_errors(mismatched_from)
     return errors
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    return {"helix 2x2": str(root / "helix"), "one rank": str(root / "one")}
+    return {name: str(root / name.replace(" ", "_")) for name in ("helix 2x2", "one rank", "TP 2")}
 
 
 @pytest.fixture(scope="module")
 def one_rank_errors(checkpoints):
     run_distributed(_save, 4, HELIX_2x2, checkpoints["helix 2x2"])
     return run_distributed(_save_then_load, 1, ([], checkpoints["one rank"]),
-                           {"one rank": ([], checkpoints["helix 2x2"])})[0]
+                           {"one rank": ([], checkpoints["helix 2x2"])},
+                           checkpoints["helix 2x2"])[0]
 
 
 @pytest.fixture(scope="module")
 def four_rank_errors(checkpoints, one_rank_errors):
     loads = {name: (layout, checkpoints["helix 2x2"]) for name, layout in LOAD_LAYOUTS.items()}
     loads["helix 2x2 from one rank"] = (HELIX_2x2, checkpoints["one rank"])
-    per_rank = run_distributed(_load, 4, loads)
+    loads["helix 2x2 from TP 2"] = (HELIX_2x2, checkpoints["TP 2"])
+    per_rank = run_distributed(
+        _save_then_load, 4, (LOAD_LAYOUTS["TP 2"], checkpoints["TP 2"]), loads)
     return {name: max(errors[name] for errors in per_rank) for name in loads}
 
 
@@ -135,6 +141,7 @@ def test_a_checkpoint_that_does_not_cover_the_model_fails_loudly(name, one_rank_
     assert MISMATCHED[name][1] in error, error
 
 
-@pytest.mark.parametrize("name", [*LOAD_LAYOUTS, "helix 2x2 from one rank"])
+@pytest.mark.parametrize("name", [*LOAD_LAYOUTS, "helix 2x2 from one rank",
+                                  "helix 2x2 from TP 2"])
 def test_checkpoint_loads_at_another_layout(name, four_rank_errors):
     assert four_rank_errors[name] == 0.0, f"{name}: loaded weights off by {four_rank_errors[name]}"
