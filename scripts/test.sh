@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=25 "$@"
