@@ -29,7 +29,12 @@ from megatron_helix.attention.strategy import STRATEGIES
 from megatron_helix.checkpoint_record import check_checkpoint_to_load, mark_standard_layout
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
 from megatron_helix.layout import rope_pairing
-from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
+from megatron_helix.parallel_dims import (
+    HelixConfigError,
+    HelixParallelDims,
+    model_errors,
+    size_errors,
+)
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -356,10 +361,10 @@ def apply_helix_args(
 
     # An unknown world size checks only the shape: the smallest world holding the layout.
     world = world_size or _world_size(args) or m * n * cp * pp
-    dims = HelixParallelDims(world_size=world, m=m, n=n, ring=cp, pp=pp)
-    problems += dims.errors(**_model_shape(args))
+    problems += size_errors(world, m, n, cp, pp) + model_errors(m, n, cp, **_model_shape(args))
     if problems:
         raise HelixConfigError("invalid helix arguments:\n  - " + "\n  - ".join(problems))
+    dims = HelixParallelDims(world_size=world, m=m, n=n, ring=cp, pp=pp)
 
     if uses_helix(args):
         mark_standard_layout(args)
@@ -372,7 +377,7 @@ def apply_helix_args(
 
 
 def _model_shape(args: argparse.Namespace) -> dict:
-    """The attention shape as ``HelixParallelDims.errors`` wants it, before Megatron fills
+    """The attention shape as ``model_errors`` wants it, before Megatron fills
     ``kv_channels`` and ``num_query_groups`` in (it does so in ``validate_args``)."""
     heads = getattr(args, "num_attention_heads", None)
     hidden = getattr(args, "hidden_size", None)

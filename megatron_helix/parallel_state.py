@@ -1,12 +1,10 @@
 """Helix process groups, built on top of Megatron's ``initialize_model_parallel``.
 
 The helix group *is* Megatron's tensor-parallel group (size ``m * n``), so MLP, embeddings,
-MoE, the optimizer and checkpointing treat it as ordinary TP. On top of it this module adds:
-
-- the *slice group* of each head group: its ``m`` contiguous TP ranks, which hold the ``m``
-  dim slices of the same heads and must combine before the softmax;
-- the *head-group group* of each dim slice: the ``n`` TP ranks that own the same dims of
-  different heads (used to gather a full KV cache or a full-head view for checks).
+MoE, the optimizer and checkpointing treat it as ordinary TP. On top of it this module adds
+the *slice group* of each head group: its ``m`` contiguous TP ranks, which hold the ``m`` dim
+slices of the same heads and must combine before the softmax. A rank's head group ``g`` and
+dim slice ``j`` follow from its TP rank ``g * m + j``.
 
 The ring (context-parallel) group is Megatron's own CP group.
 """
@@ -32,8 +30,6 @@ class _HelixGroups:
     n: int
     slice_group: dist.ProcessGroup
     slice_group_ranks: List[int]
-    head_group_group: dist.ProcessGroup
-    head_group_group_ranks: List[int]
 
 
 _GROUPS: Optional[_HelixGroups] = None
@@ -55,7 +51,7 @@ def initialize_helix(
     dims = HelixParallelDims(
         world_size=dist.get_world_size(), m=m, n=n, ring=ring_size,
         pp=pipeline_model_parallel_size,
-    ).validate()
+    )
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=dims.helix,
         pipeline_model_parallel_size=dims.pp,
@@ -67,7 +63,7 @@ def initialize_helix(
 
 
 def build_helix_groups(m: int, n: int, timeout: Optional[timedelta] = None) -> None:
-    """Create slice and head-group groups inside every existing tensor-parallel group.
+    """Create the slice groups inside every existing tensor-parallel group.
 
     Collective over the default group: every rank creates every group in the same order, with
     the default group's backend and ``timeout`` (Megatron's ``--distributed-timeout-minutes``;
@@ -86,19 +82,14 @@ def build_helix_groups(m: int, n: int, timeout: Optional[timedelta] = None) -> N
     tp_groups = sorted({tuple(ranks) for ranks in all_tp_ranks})
 
     me = dist.get_rank()
-    mine: dict = {}
+    mine: tuple = ()
     for tp_ranks in tp_groups:
         for g in range(n):
             ranks = list(tp_ranks[g * m : (g + 1) * m])
             group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
-                mine["slice"] = (group, ranks)
-        for j in range(m):
-            ranks = [tp_ranks[g * m + j] for g in range(n)]
-            group = dist.new_group(ranks, timeout=timeout)
-            if me in ranks:
-                mine["head_group"] = (group, ranks)
-    _GROUPS = _HelixGroups(m, n, *mine["slice"], *mine["head_group"])
+                mine = (group, ranks)
+    _GROUPS = _HelixGroups(m, n, *mine)
 
 
 def is_initialized() -> bool:
@@ -138,11 +129,6 @@ def get_helix_slice_rank() -> int:
 def get_helix_head_group_rank() -> int:
     """This rank's head group ``g``."""
     return mpu.get_tensor_model_parallel_rank() // get_helix_m()
-
-
-def get_helix_head_group_group() -> dist.ProcessGroup:
-    """The ``n`` ranks owning this rank's dim slice of every head group."""
-    return _groups().head_group_group
 
 
 def destroy_helix() -> None:

@@ -9,7 +9,12 @@ import torch
 
 from megatron_helix.checkpoint import helix_to_standard, standard_to_helix
 from megatron_helix.layout import HelixLayout, HelixLayoutError, inverse_permutation, layout_errors
-from megatron_helix.parallel_dims import HelixConfigError, HelixParallelDims
+from megatron_helix.parallel_dims import (
+    HelixConfigError,
+    HelixParallelDims,
+    model_errors,
+    size_errors,
+)
 
 PAIRINGS = ("rotate_half", "interleaved", "none")
 
@@ -131,14 +136,26 @@ def test_invalid_layouts_name_the_flag_and_a_fix(kwargs, fragment):
     assert "works" in str(err.value)
 
 
-def test_parallel_dims_reports_every_problem_at_once():
-    dims = HelixParallelDims(world_size=12, m=4, n=4, ring=1, pp=1)
+def test_parallel_dims_refuse_impossible_sizes_on_construction():
     with pytest.raises(HelixConfigError) as err:
-        dims.validate(num_heads=6, num_query_groups=6, head_dim=12, seq_length=10)
-    text = str(err.value)
+        HelixParallelDims(world_size=12, m=4, n=4, ring=1, pp=1)
+    assert "world size 12 is not divisible by --helix-m 4 x --helix-n 4" in str(err.value)
+    assert "one of [1, 2, 3, 4, 6, 12]" in str(err.value)
+    with pytest.raises(HelixConfigError, match="--helix-ring-size must be >= 1, got 0"):
+        HelixParallelDims(world_size=4, ring=0)
+    with pytest.raises(HelixConfigError, match="world size 6 is not divisible"):
+        HelixParallelDims(world_size=6, m=2, n=2)  # no silent rounding of the data-parallel size
+    assert HelixParallelDims(world_size=16, m=2, n=2, pp=2).dp == 2
+
+
+def test_parallel_dims_report_every_problem_at_once():
+    problems = size_errors(12, m=4, n=4) + model_errors(
+        4, 4, 1, num_heads=6, num_query_groups=6, head_dim=12, seq_length=10
+    )
+    text = "\n".join(problems)
     assert "world size 12" in text and "--helix-n 4 must divide --num-attention-heads 6" in text
     assert "2*m = 8" in text
     ring = HelixParallelDims(world_size=4, ring=4)
     with pytest.raises(HelixConfigError, match="--seq-length 20 must be divisible by 2 x --helix-ring-size"):
-        ring.validate(seq_length=20)
-    assert HelixParallelDims(world_size=16, m=2, n=2, pp=2).dp == 2
+        ring.check_model(seq_length=20)
+    assert ring.check_model(seq_length=24) is ring

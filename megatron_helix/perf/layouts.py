@@ -2,8 +2,8 @@
 
 A layout is Megatron's ``TP x PP x CP x DP`` where the tensor-parallel group may be a helix
 ``m x n`` group (``m > 1`` dim slices, ``n = TP / m`` head groups) and the context-parallel
-group is the plugin's ring. Legality is the plugin's own (``HelixParallelDims.errors``: world
-size, ``layout_errors``, zigzag lengths) plus what Megatron adds: whole layers per pipeline
+group is the plugin's ring. Legality is the plugin's own (``parallel_dims.size_errors`` and
+``model_errors``: world size, ``layout_errors``, zigzag lengths) plus what Megatron adds: whole layers per pipeline
 stage, whole micro-batches per data-parallel rank, sequence parallelism for MoE with TP, and a
 ring over helix slices needs whole heads per slice (``helix_ring_core_attention``).
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, List
 
 from megatron_helix.layerwise import ModelShape
-from megatron_helix.parallel_dims import HelixParallelDims
+from megatron_helix.parallel_dims import model_errors, size_errors
 
 SCORE_STRATEGIES = ("allreduce", "redistribute")
 
@@ -82,10 +82,11 @@ class ParallelLayout:
     def errors(self, model: ModelShape, seq_length: int, global_batch: int,
                micro_batch: int) -> List[str]:
         """Every reason this layout cannot run ``model`` (empty when it can)."""
-        dims = HelixParallelDims(self.world_size, self.helix_m, self.helix_n, self.cp, self.pp)
-        problems = dims.errors(
-            num_heads=model.num_attention_heads, num_query_groups=model.query_groups,
-            head_dim=model.head_dim, seq_length=seq_length,
+        problems = size_errors(
+            self.world_size, self.helix_m, self.helix_n, self.cp, self.pp
+        ) + model_errors(
+            self.helix_m, self.helix_n, self.cp, num_heads=model.num_attention_heads,
+            num_query_groups=model.query_groups, head_dim=model.head_dim, seq_length=seq_length,
         )
         if model.num_layers % self.pp:
             problems.append(f"{model.num_layers} layers do not split evenly into {self.pp} stages")
