@@ -115,22 +115,30 @@ def _layout_for(global_name: str, layouts: Dict[str, HelixLayout]) -> Optional[H
     return None
 
 
-def _fill_shards(model, full_tensor: Callable[[str, torch.nn.Parameter], torch.Tensor]) -> None:
-    """Set every parameter to its shard of ``full_tensor(global name, param)`` (standard layout)."""
+def own_shards(
+    model, full_tensor: Callable[[str, torch.nn.Parameter], torch.Tensor]
+) -> Iterator[Tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """``(global name, parameter, this rank's shard)`` for every parameter of ``model``.
+
+    ``full_tensor(global name, parameter)`` gives the full standard-layout tensor; the shard is
+    that tensor put in helix order where the parameter belongs to a helix attention, then cut
+    as Megatron cuts the parameter.
+    """
     layouts = helix_layouts(model)
     config = _chunks(model)[0].config
-    with torch.no_grad():
-        for _, global_name, param in named_global_parameters(model):
-            full = full_tensor(global_name, param)
-            layout = _layout_for(global_name, layouts)
-            if layout is not None:
-                full = to_helix(global_name, full, layout)
-            param.copy_(shard(full, param, global_name, config))
+    for _, global_name, param in named_global_parameters(model):
+        full = full_tensor(global_name, param)
+        layout = _layout_for(global_name, layouts)
+        if layout is not None:
+            full = to_helix(global_name, full, layout)
+        yield global_name, param, shard(full, param, global_name, config)
 
 
 def load_full_state_dict(model, full_state_dict: Dict[str, torch.Tensor]) -> None:
     """Copy a full, standard-layout state dict (global names) into this rank's shards."""
-    _fill_shards(model, lambda global_name, param: full_state_dict[global_name])
+    with torch.no_grad():
+        for _, param, own in own_shards(model, lambda name, _: full_state_dict[name]):
+            param.copy_(own)
 
 
 def _name_seed(seed: int, global_name: str) -> int:
@@ -163,7 +171,7 @@ def seeded_full_tensor(
 def init_from_seed(model, seed: int) -> None:
     """Initialize every parameter so that ``seed`` gives the same model under any layout."""
     config = _chunks(model)[0].config
-    _fill_shards(
-        model,
-        lambda global_name, param: seeded_full_tensor(seed, global_name, full_shape(param), config),
-    )
+    load_full_state_dict(model, {
+        global_name: seeded_full_tensor(seed, global_name, full_shape(param), config)
+        for _, global_name, param in named_global_parameters(model)
+    })

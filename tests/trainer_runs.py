@@ -23,37 +23,14 @@ def _parameters(model_chunks):
             for _, global_name, param in named_global_parameters(model_chunks)}
 
 
-def _this_ranks_shards(full_tensors, model_chunks):
-    """``(global name, parameter, this rank's shard of the one-device tensor)`` for every
-    parameter: the full tensor put in helix order where the layout has one, then cut as the
-    parameter is."""
-    from megatron_helix.checkpoint import to_helix
-    from megatron_helix.sharding import helix_layouts, named_global_parameters, shard
-
-    layouts = helix_layouts(model_chunks)
-    config = model_chunks[0].config
-    for _, global_name, param in named_global_parameters(model_chunks):
-        full = full_tensors[global_name]
-        for prefix, layout in layouts.items():
-            if global_name.startswith(prefix):
-                full = to_helix(global_name, full, layout)
-        yield global_name, param, shard(full, param, global_name, config)
-
-
 def _errors_against(reference, model_chunks):
     """``{global name: (largest |shard - one-device shard|, largest |one-device gradient|)}``."""
+    from megatron_helix.sharding import own_shards
+
     return {global_name: (float((param.main_grad - expected).abs().max()),
                           float(reference[global_name].abs().max()))
-            for global_name, param, expected in _this_ranks_shards(reference, model_chunks)}
-
-
-def _load_shards(full_tensors, model_chunks):
-    """Set every parameter to its shard of the one-device ``full_tensors``."""
-    import torch
-
-    with torch.no_grad():
-        for _, param, shard in _this_ranks_shards(full_tensors, model_chunks):
-            param.copy_(shard)
+            for global_name, param, expected in own_shards(
+                model_chunks, lambda name, _: reference[name])}
 
 
 def train_recording(rank, world_size, runs, references=None):
@@ -68,6 +45,7 @@ def train_recording(rank, world_size, runs, references=None):
     """
     import megatron.core.optimizer as megatron_optimizer
 
+    from megatron_helix.sharding import load_full_state_dict
     from megatron_helix.trainer import build_parser, train
 
     build_optimizer = megatron_optimizer.get_megatron_optimizer
@@ -89,7 +67,7 @@ def train_recording(rank, world_size, runs, references=None):
                     steps.append(_errors_against(reference, model_chunks))
                 stepped = step(*step_args, **step_kwargs)
                 if same_weights and len(steps) < len(references[model]["parameters"]):
-                    _load_shards(references[model]["parameters"][len(steps)], model_chunks)
+                    load_full_state_dict(model_chunks, references[model]["parameters"][len(steps)])
                 return stepped
 
             optimizer.step = recorded_step
