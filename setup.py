@@ -23,7 +23,7 @@ setup(
     packages=find_packages(include=["megatron_helix", "megatron_helix.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # CI runs the CPU build of torch 2.13.0.
+        # CI runs torch 2.13.0 (scripts/env.sh pins it).
         "torch>=2.5",
         # Only 0.16.x is supported: the plugin subclasses SelfAttention and uses
         # parallel_state internals whose signatures change between minor releases.

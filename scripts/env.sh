@@ -1,7 +1,9 @@
 # Source me: creates (once) and activates the project's virtual environment in .venv.
 #
-# torch is installed before megatron-core so that pip takes the pinned CPU build instead of
-# resolving a multi-GB CUDA build; set HELIX_TORCH_SPEC to use another torch (e.g. on a GPU box).
+# torch is installed first and pinned, so that installing megatron-core does not resolve
+# another torch. Which build arrives depends on the package index: where a local wheel folder
+# provides torch's CPU build pip takes it, while PyPI's Linux torch is the CUDA build (a few GB;
+# it runs on CPU too). HELIX_TORCH_SPEC picks another torch (e.g. on a GPU box).
 _helix_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _helix_venv="${HELIX_VENV:-$_helix_root/.venv}"
 _helix_stamp="$_helix_venv/.megatron_helix-installed"

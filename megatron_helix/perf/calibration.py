@@ -1,4 +1,4 @@
-"""Achieved rates of the machine at hand, measured, and of GPUs, assumed from datasheets.
+"""Achieved rates of the machine at hand, measured, and of GPUs, assumed for projections.
 
 A ``Calibration`` is what the cost model needs to turn work into time:
 
@@ -17,8 +17,8 @@ A ``Calibration`` is what the cost model needs to turn work into time:
 
 CPU entries are measured (``cpu_calibration``: kernels on one thread, as the trainer's ranks
 run; ``collective_bench``: collectives on real gloo ranks). GPU entries (``gpu_calibration``)
-are NOT measurements: datasheet peaks times assumed achieved fractions, stated below, until a
-GPU run replaces them.
+are NOT measurements: datasheet peaks times achieved fractions and link rates this project
+assumes, stated below, for projections until a GPU run replaces them.
 """
 
 from __future__ import annotations
@@ -212,25 +212,31 @@ class Calibration:
 
 # ------------------------------------------------------------------------ GPU assumptions
 
-GPU_SPECS = {  # datasheet figures (SXM parts): dense peak FLOP/s, HBM bytes/s and bytes
+# Datasheet figures of the SXM parts (NVIDIA's H100 and H200 Tensor Core GPU datasheets): dense
+# peak FLOP/s (without sparsity), HBM bytes/s and bytes.
+GPU_SPECS = {
     "h100": dict(peak_flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "fp32": 67e12},
                  hbm_bytes_per_s=3.35e12, memory_bytes=80 * 10**9),
     "h200": dict(peak_flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "fp32": 67e12},
                  hbm_bytes_per_s=4.8e12, memory_bytes=141 * 10**9),
 }
-# Achieved fractions and links: assumptions, not measurements (see docs/PERFORMANCE.md).
-GEMM_EFFICIENCY = 0.70  # large dense GEMMs (cuBLAS on H100 reaches ~65-75% of dense peak)
-ATTENTION_EFFICIENCY = 0.45  # FlashAttention-2-class kernels on Hopper, forward + backward
+# From here on ASSUMPTIONS of this project, neither measured nor taken from a datasheet; a
+# measured calibration (``megatron-helix plan --calibration FILE``) replaces them.
+GEMM_EFFICIENCY = 0.70  # achieved fraction of the dense peak, large GEMMs
+ATTENTION_EFFICIENCY = 0.45  # achieved fraction of the dense peak, fused attention fwd + bwd
 FP32_GEMM_EFFICIENCY = 0.70  # of the fp32 (non-tensor-core) peak: torch keeps TF32 off
 BANDWIDTH_EFFICIENCY = 0.80  # memory-bound kernels against the HBM peak
-NVLINK = Link(alpha=5e-6, beta=370e9)  # ring collectives on 8 x H100 (NCCL bus bandwidth)
-NVLINK_NVLS = Link(alpha=5e-6, beta=480e9)  # all-reduce with NVLink SHARP
-INFINIBAND = Link(alpha=10e-6, beta=45e9)  # per GPU across nodes (NDR 400 Gb/s)
+# Links: bytes/s a rank sends (NCCL's "bus bandwidth"). The datasheets give NVLink 900 GB/s
+# per GPU both directions together (450 GB/s each way) and NDR InfiniBand 400 Gb/s (50 GB/s);
+# the achieved shares below are assumed.
+NVLINK = Link(alpha=5e-6, beta=370e9)  # ring collectives inside a node: 82% of 450 GB/s
+NVLINK_NVLS = Link(alpha=5e-6, beta=480e9)  # all-reduce reduced in the NVLink switch (SHARP)
+INFINIBAND = Link(alpha=10e-6, beta=45e9)  # per GPU across nodes: 90% of 50 GB/s
 GPU_LAYER_OVERHEAD_S = 50e-6  # launches per layer pass left exposed (no CUDA graphs)
 
 
 def gpu_calibration(gpu: str, dtype: str = "bf16") -> Calibration:
-    """Datasheet-derived rates for one GPU kind: ASSUMPTIONS, not measurements.
+    """Rates for one GPU kind: datasheet peaks times assumed fractions, NOT measurements.
 
     The score all-reduce computes its partial scores in fp32 (exactness across slices), so its
     GEMMs run at the fp32 peak; the other kernels at the ``dtype`` peak.
