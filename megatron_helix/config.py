@@ -5,7 +5,8 @@ because plain TP gives every rank whole heads. Helix gives a rank ``H/n`` heads 
 dim slices, so only ``n`` must divide them (checked, with better messages and before any process
 group exists, by ``parallel_dims``): 6 heads on helix 2 x 2 = 4 ranks is legal.
 ``HelixTransformerConfig`` therefore runs Megatron's checks at TP = ``n`` and then holds the real
-size ``m * n``. Megatron-LM builds it through ``core_transformer_config_from_args``'s
+size ``m * n``: megatron-core's ``__post_init__`` has no hook to relax that one rule, so the size
+is swapped around it, only for layouts plain TP would refuse, and in this one place. Megatron-LM builds it through ``core_transformer_config_from_args``'s
 ``config_class`` (every dataclass field, ``helix_m`` included, is read from the args).
 """
 

@@ -31,13 +31,21 @@ from megatron_helix.layout import HelixLayout, rope_pairing
 
 
 @contextlib.contextmanager
-def _tolerate_uneven_tp_heads():
-    """Let ``Attention.__init__`` compute its TP per-partition head counts without asserting.
+def _tolerate_uneven_tp_heads(config: TransformerConfig, tp: int):
+    """Let ``Attention.__init__`` size its TP partitions when heads do not divide by TP.
 
-    Megatron divides heads by the TP size; with helix that size is ``m * n`` and heads need only
-    divide by ``n`` (e.g. 6 heads on helix 2 x 2). The values it computes are replaced right
-    after by the helix ones, so a floor division is enough here.
+    The one module-wide patch of this attention, and why it exists: megatron-core's
+    ``Attention.__init__`` divides the heads (and, from TP ranks up, the query groups) by the
+    TP size with ``divide``, which asserts divisibility, and it has no argument or spec hook to
+    size the partitions otherwise. With helix that size is ``m * n`` while heads need only
+    divide by ``n`` (6 heads on helix 2 x 2). Only for such layouts is ``divide`` swapped for a
+    floor division, during the construction only; ``_use_helix_sizes`` replaces the values it
+    computes right after.
     """
+    groups = config.num_query_groups or config.num_attention_heads
+    if config.num_attention_heads % tp == 0 and (groups < tp or groups % tp == 0):
+        yield
+        return
     original = megatron_attention.divide
     megatron_attention.divide = lambda numerator, denominator: numerator // denominator
     try:
@@ -105,20 +113,29 @@ class HelixSelfAttention(SelfAttention):
             config.kv_channels, rope_pairing(position_embedding_type, config.rotary_interleaved),
         )
         _refuse_unsupported(config, submodules, m)
-        with _tolerate_uneven_tp_heads(), _drawing_in_helix_order(config, self.helix_layout):
+        with _tolerate_uneven_tp_heads(config, m * n), \
+                _drawing_in_helix_order(config, self.helix_layout):
             super().__init__(
                 config, submodules, layer_number, attn_mask_type=attn_mask_type,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
+        self._use_helix_sizes()
+        dims = self.helix_layout.slice_dims(helix_state.get_helix_slice_rank())
+        self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
+
+    def _use_helix_sizes(self) -> None:
+        """Set the per-rank sizes ``Attention.__init__`` computed for plain TP to helix's.
+
+        megatron-core computes them in its constructor from the TP size, with no hook to pass
+        them in. This rank holds ``H/n`` heads and ``G/n`` query groups of ``d/m`` dims each.
+        Megatron's ``forward``, the inference KV cache (``[max_seq, b, G/n, d/m]`` per rank)
+        and the CUDA-graph buffers read these attributes.
+        """
         layout = self.helix_layout
         self.num_attention_heads_per_partition = layout.heads_per_group
         self.num_query_groups_per_partition = layout.query_groups_per_group
-        # The inference KV cache and everything sized per head see this rank's slice width:
-        # a rank caches [max_seq, batch, G/n, d/m], its heads x its dims.
         self.hidden_size_per_attention_head = layout.slice_dim
         self.key_hidden_size = self.val_hidden_size = layout.slice_dim
-        dims = layout.slice_dims(helix_state.get_helix_slice_rank())
-        self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Megatron's, with the QKV and projection weights described in the standard layout.
