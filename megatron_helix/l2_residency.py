@@ -17,8 +17,12 @@ HBM3) and the window at most ``cudaDevAttrMaxAccessPolicyWindowSize``; when the 
 than the set-aside, ``hitRatio = set-aside / window`` marks a random subset of the window's lines
 persisting instead of letting them thrash the set-aside.
 
-The runtime is reached through ``ctypes`` on the ``libcudart`` torch already uses; tests inject a
-fake ``CudaRuntime``. Without CUDA everything here is a logged no-op.
+The runtime is NVIDIA's typed ``cuda.bindings.runtime`` (package ``cuda-bindings``) where it is
+installed. Elsewhere ``CtypesCudart`` offers the same few calls, enums and structs on the
+``libcudart`` torch already uses, through ``ctypes`` with hand-declared structs: a fallback that
+keeps machines without cuda-bindings working. ``l2_persisting`` speaks only the cuda-bindings API,
+so one code path serves both, and tests drive both with the same fake device. Without CUDA
+everything here is a logged no-op.
 """
 
 from __future__ import annotations
@@ -26,26 +30,75 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import enum
 import glob
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# driver_types.h (CUDA 11.0+; unchanged in 12.x and 13.x)
-CUDA_LIMIT_PERSISTING_L2_CACHE_SIZE = 0x06
-CUDA_DEV_ATTR_MAX_PERSISTING_L2_CACHE_SIZE = 108
-CUDA_DEV_ATTR_MAX_ACCESS_POLICY_WINDOW_SIZE = 109
-CUDA_STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW = 1  # cudaLaunchAttributeAccessPolicyWindow
-CUDA_ACCESS_PROPERTY_NORMAL = 0
-CUDA_ACCESS_PROPERTY_STREAMING = 1
-CUDA_ACCESS_PROPERTY_PERSISTING = 2
-
 PARAMETER_ALIGNMENT = 256  # bytes: keeps every view aligned for vectorised loads and cuBLAS
+_DEFAULT_STREAM_HINT = ("; stream 0 is the legacy default stream: run the stage under "
+                       "torch.cuda.stream(torch.cuda.Stream())")
+
+
+class CudaRuntimeError(RuntimeError):
+    """A CUDA runtime call failed or the runtime library could not be found."""
+
+
+class CudaRuntime(Protocol):
+    """The part of ``cuda.bindings.runtime`` L2 residency uses; ``CtypesCudart`` provides it too.
+
+    Each call returns a tuple whose first element is a ``cudaError_t``, then its results.
+    """
+
+    cudaError_t: Any
+    cudaDeviceAttr: Any
+    cudaLimit: Any
+    cudaStreamAttrID: Any
+    cudaAccessProperty: Any
+    cudaStreamAttrValue: Any
+
+    def cudaDeviceGetAttribute(self, attr: Any, device: int) -> Tuple[Any, int]: ...
+
+    def cudaDeviceGetLimit(self, limit: Any) -> Tuple[Any, int]: ...
+
+    def cudaDeviceSetLimit(self, limit: Any, value: int) -> Tuple[Any]: ...
+
+    def cudaStreamGetAttribute(self, stream: int, attr: Any) -> Tuple[Any, Any]: ...
+
+    def cudaStreamSetAttribute(self, stream: int, attr: Any, value: Any) -> Tuple[Any]: ...
+
+    def cudaCtxResetPersistingL2Cache(self) -> Tuple[Any]: ...
+
+    def cudaGetErrorName(self, error: Any) -> Tuple[Any, bytes]: ...
+
+    def cudaGetErrorString(self, error: Any) -> Tuple[Any, bytes]: ...
+
+
+def default_runtime() -> CudaRuntime:
+    """``cuda.bindings.runtime`` where cuda-bindings is installed, else ``CtypesCudart()``."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError as error:
+        logger.info("cuda-bindings unavailable (%s): reaching libcudart through ctypes", error)
+        return CtypesCudart()
+    return runtime
+
+
+def _call(runtime: CudaRuntime, name: str, *args: Any, hint: str = "") -> Any:
+    """``runtime.<name>(*args)``'s result (None when it has none); a failure raises with the
+    CUDA error's name, since the number alone means little."""
+    error, *results = getattr(runtime, name)(*args)
+    if error != runtime.cudaError_t.cudaSuccess:
+        error_name = runtime.cudaGetErrorName(error)[1].decode()
+        message = runtime.cudaGetErrorString(error)[1].decode()
+        raise CudaRuntimeError(f"{name} failed with {error_name} ({message}){hint}")
+    return results[0] if results else None
 
 
 class AccessPolicyWindow(ctypes.Structure):
@@ -69,26 +122,6 @@ class StreamAttrValue(ctypes.Union):
     _fields_ = [("pad", ctypes.c_char * 64), ("accessPolicyWindow", AccessPolicyWindow)]
 
 
-class CudaRuntimeError(RuntimeError):
-    """A CUDA runtime call failed or the runtime library could not be found."""
-
-
-class CudaRuntime(Protocol):
-    """The CUDA runtime calls L2 residency needs (``Cudart``, or a fake in tests)."""
-
-    def device_attribute(self, attribute: int, device: int) -> int: ...
-
-    def get_limit(self, limit: int) -> int: ...
-
-    def set_limit(self, limit: int, value: int) -> None: ...
-
-    def get_stream_window(self, stream: int) -> AccessPolicyWindow: ...
-
-    def set_stream_window(self, stream: int, window: AccessPolicyWindow) -> None: ...
-
-    def reset_persisting_l2_cache(self) -> None: ...
-
-
 def find_libcudart() -> str:
     """Path of libcudart: the one already mapped into this process (torch's), else one shipped
     in torch's or the ``nvidia`` wheels' ``lib`` folders, else the system's."""
@@ -109,64 +142,79 @@ def find_libcudart() -> str:
     raise CudaRuntimeError("libcudart not found in this process, torch's wheels or the system")
 
 
-class Cudart:
-    """The CUDA runtime through ``ctypes``: the documented calls above, each status-checked."""
+class CtypesCudart:
+    """``CudaRuntime`` on libcudart through ``ctypes``: the fallback without cuda-bindings.
 
-    def __init__(self, path: Optional[str] = None):
-        self.path = path or find_libcudart()
-        lib = ctypes.CDLL(self.path)
+    Names and return tuples copy ``cuda.bindings.runtime``'s so that this can stand in for it.
+    The enums hold only the members used, with the values of ``driver_types.h`` (CUDA 11.0+,
+    unchanged in 12.x and 13.x).
+    """
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+
+    class cudaDeviceAttr(enum.IntEnum):
+        cudaDevAttrMaxPersistingL2CacheSize = 108
+        cudaDevAttrMaxAccessPolicyWindowSize = 109
+
+    class cudaLimit(enum.IntEnum):
+        cudaLimitPersistingL2CacheSize = 0x06
+
+    class cudaStreamAttrID(enum.IntEnum):
+        cudaLaunchAttributeAccessPolicyWindow = 1
+
+    class cudaAccessProperty(enum.IntEnum):
+        cudaAccessPropertyStreaming = 1
+        cudaAccessPropertyPersisting = 2
+
+    cudaStreamAttrValue = StreamAttrValue
+
+    def __init__(self, lib: Optional[Any] = None):
+        """``lib``: the loaded libcudart (a fake in tests); default ``find_libcudart()``'s."""
+        lib = lib if lib is not None else ctypes.CDLL(find_libcudart())
+        attr_value = ctypes.POINTER(StreamAttrValue)
         signatures = {
             "cudaDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
             "cudaDeviceGetLimit": [ctypes.POINTER(ctypes.c_size_t), ctypes.c_int],
             "cudaDeviceSetLimit": [ctypes.c_int, ctypes.c_size_t],
-            "cudaStreamGetAttribute": [ctypes.c_void_p, ctypes.c_int,
-                                       ctypes.POINTER(StreamAttrValue)],
-            "cudaStreamSetAttribute": [ctypes.c_void_p, ctypes.c_int,
-                                       ctypes.POINTER(StreamAttrValue)],
+            "cudaStreamGetAttribute": [ctypes.c_void_p, ctypes.c_int, attr_value],
+            "cudaStreamSetAttribute": [ctypes.c_void_p, ctypes.c_int, attr_value],
             "cudaCtxResetPersistingL2Cache": [],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = ctypes.c_int  # cudaError_t
-        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        for name in ("cudaGetErrorName", "cudaGetErrorString"):
+            getattr(lib, name).argtypes = [ctypes.c_int]
+            getattr(lib, name).restype = ctypes.c_char_p
         self._lib = lib
 
-    def _call(self, name: str, *args, hint: str = "") -> None:
-        status = getattr(self._lib, name)(*args)
-        if status:
-            message = self._lib.cudaGetErrorString(status).decode()
-            raise CudaRuntimeError(f"{name} failed with error {status} ({message}){hint}")
-
-    def device_attribute(self, attribute: int, device: int) -> int:
+    def cudaDeviceGetAttribute(self, attr: int, device: int) -> Tuple[int, int]:
         value = ctypes.c_int()
-        self._call("cudaDeviceGetAttribute", ctypes.byref(value), attribute, device)
-        return value.value
+        return self._lib.cudaDeviceGetAttribute(ctypes.byref(value), attr, device), value.value
 
-    def get_limit(self, limit: int) -> int:
+    def cudaDeviceGetLimit(self, limit: int) -> Tuple[int, int]:
         value = ctypes.c_size_t()
-        self._call("cudaDeviceGetLimit", ctypes.byref(value), limit)
-        return value.value
+        return self._lib.cudaDeviceGetLimit(ctypes.byref(value), limit), value.value
 
-    def set_limit(self, limit: int, value: int) -> None:
-        self._call("cudaDeviceSetLimit", limit, value)
+    def cudaDeviceSetLimit(self, limit: int, value: int) -> Tuple[int]:
+        return (self._lib.cudaDeviceSetLimit(limit, value),)
 
-    def get_stream_window(self, stream: int) -> AccessPolicyWindow:
+    def cudaStreamGetAttribute(self, stream: int, attr: int) -> Tuple[int, StreamAttrValue]:
         value = StreamAttrValue()
-        self._call("cudaStreamGetAttribute", ctypes.c_void_p(stream),
-                   CUDA_STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW, ctypes.byref(value))
-        return value.accessPolicyWindow
+        return self._lib.cudaStreamGetAttribute(stream, attr, ctypes.byref(value)), value
 
-    def set_stream_window(self, stream: int, window: AccessPolicyWindow) -> None:
-        value = StreamAttrValue()
-        value.accessPolicyWindow = window
-        hint = ("; stream 0 is the legacy default stream: run the stage under "
-                "torch.cuda.stream(torch.cuda.Stream())") if stream == 0 else ""
-        self._call("cudaStreamSetAttribute", ctypes.c_void_p(stream),
-                   CUDA_STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW, ctypes.byref(value), hint=hint)
+    def cudaStreamSetAttribute(self, stream: int, attr: int, value: StreamAttrValue) -> Tuple[int]:
+        return (self._lib.cudaStreamSetAttribute(stream, attr, ctypes.byref(value)),)
 
-    def reset_persisting_l2_cache(self) -> None:
-        self._call("cudaCtxResetPersistingL2Cache")
+    def cudaCtxResetPersistingL2Cache(self) -> Tuple[int]:
+        return (self._lib.cudaCtxResetPersistingL2Cache(),)
+
+    def cudaGetErrorName(self, error: int) -> Tuple[int, bytes]:
+        return self.cudaError_t.cudaSuccess, self._lib.cudaGetErrorName(error)
+
+    def cudaGetErrorString(self, error: int) -> Tuple[int, bytes]:
+        return self.cudaError_t.cudaSuccess, self._lib.cudaGetErrorString(error)
 
 
 def flatten_parameters(
@@ -229,8 +277,8 @@ def l2_persisting(
             stream (handle 0) may refuse attributes.
         hit_ratio: fraction of the window's lines to mark persisting; default
             ``min(1, set-aside / window bytes)``.
-        runtime: the CUDA runtime; default ``Cudart()`` for CUDA buffers. A fake runtime in tests
-            needs an explicit ``stream``.
+        runtime: the CUDA runtime; default ``default_runtime()`` for CUDA buffers. A fake runtime
+            in tests needs an explicit ``stream``.
 
     Yields the ``L2Residency`` set, or None when it is a no-op (no CUDA, or a device without
     persisting L2). Restores the previous window and limit on exit, exceptions included.
@@ -240,19 +288,22 @@ def l2_persisting(
             logger.info("L2 residency skipped: no CUDA device (buffer on %s)", buffer.device)
             yield None
             return
-        runtime = Cudart()
+        runtime = default_runtime()
     if not buffer.is_contiguous():
         raise ValueError("the access-policy window covers one contiguous range: flatten first")
     device = buffer.device.index if buffer.is_cuda else 0
     if stream is None:
         stream = torch.cuda.current_stream(buffer.device).cuda_stream
-    max_set_aside = runtime.device_attribute(CUDA_DEV_ATTR_MAX_PERSISTING_L2_CACHE_SIZE, device)
+    attribute = runtime.cudaDeviceAttr
+    max_set_aside = _call(runtime, "cudaDeviceGetAttribute",
+                          attribute.cudaDevAttrMaxPersistingL2CacheSize, device)
     if max_set_aside == 0:
         logger.info("L2 residency skipped: device %d has no persisting L2 (compute capability "
                     "below 8.0)", device)
         yield None
         return
-    max_window = runtime.device_attribute(CUDA_DEV_ATTR_MAX_ACCESS_POLICY_WINDOW_SIZE, device)
+    max_window = _call(runtime, "cudaDeviceGetAttribute",
+                       attribute.cudaDevAttrMaxAccessPolicyWindowSize, device)
     buffer_bytes = buffer.numel() * buffer.element_size()
     window_bytes = min(buffer_bytes, max_window)
     set_aside = min(window_bytes, max_set_aside)
@@ -260,26 +311,35 @@ def l2_persisting(
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"hit_ratio must be in (0, 1], got {ratio}")
 
-    old_limit = runtime.get_limit(CUDA_LIMIT_PERSISTING_L2_CACHE_SIZE)
-    old_window = runtime.get_stream_window(stream)
-    window = AccessPolicyWindow(
-        base_ptr=buffer.data_ptr(),
-        num_bytes=window_bytes,
-        hitRatio=ratio,
-        hitProp=CUDA_ACCESS_PROPERTY_PERSISTING,
-        missProp=CUDA_ACCESS_PROPERTY_STREAMING,
-    )
+    limit = runtime.cudaLimit.cudaLimitPersistingL2CacheSize
+    window_id = runtime.cudaStreamAttrID.cudaLaunchAttributeAccessPolicyWindow
+    old_limit = _call(runtime, "cudaDeviceGetLimit", limit)
+    old_window = _call(runtime, "cudaStreamGetAttribute", stream, window_id)
+    window = _persisting_window(runtime, buffer.data_ptr(), window_bytes, ratio)
     # Never shrink a larger set-aside someone else configured; it is restored on exit anyway.
-    runtime.set_limit(CUDA_LIMIT_PERSISTING_L2_CACHE_SIZE, max(old_limit, set_aside))
+    _call(runtime, "cudaDeviceSetLimit", limit, max(old_limit, set_aside))
     try:
-        runtime.set_stream_window(stream, window)
+        _call(runtime, "cudaStreamSetAttribute", stream, window_id, window,
+              hint=_DEFAULT_STREAM_HINT if stream == 0 else "")
         try:
             yield L2Residency(buffer.data_ptr(), window_bytes, set_aside, ratio, buffer_bytes)
         finally:
-            runtime.set_stream_window(stream, old_window)
+            _call(runtime, "cudaStreamSetAttribute", stream, window_id, old_window)
     finally:
-        runtime.reset_persisting_l2_cache()
-        runtime.set_limit(CUDA_LIMIT_PERSISTING_L2_CACHE_SIZE, old_limit)
+        _call(runtime, "cudaCtxResetPersistingL2Cache")
+        _call(runtime, "cudaDeviceSetLimit", limit, old_limit)
+
+
+def _persisting_window(runtime: CudaRuntime, base_ptr: int, num_bytes: int,
+                       hit_ratio: float) -> Any:
+    """A ``cudaStreamAttrValue`` whose window marks ``hit_ratio`` of the range's lines
+    persisting and lets the rest stream (misses do not evict the set-aside)."""
+    value = runtime.cudaStreamAttrValue()
+    window = value.accessPolicyWindow  # a view into ``value`` in both back ends
+    window.base_ptr, window.num_bytes, window.hitRatio = base_ptr, num_bytes, hit_ratio
+    window.hitProp = runtime.cudaAccessProperty.cudaAccessPropertyPersisting
+    window.missProp = runtime.cudaAccessProperty.cudaAccessPropertyStreaming
+    return value
 
 
 @contextlib.contextmanager
