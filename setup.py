@@ -35,6 +35,9 @@ setup(
         "hf": HF_REQUIRES,
         "test": ["pytest>=7", "matplotlib", *MEGATRON_LM_REQUIRES, *HF_REQUIRES],
         "plot": ["matplotlib"],
+        # The L2 residency window (megatron_helix/l2_residency.py) goes through NVIDIA's typed
+        # runtime bindings where installed, else through libcudart by ctypes.
+        "cuda": ["cuda-bindings"],
         # transformer-engine and apex are used when importable; they are never required.
     },
     entry_points={"console_scripts": ["megatron-helix=megatron_helix.cli:main"]},
