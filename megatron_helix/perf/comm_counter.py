@@ -1,43 +1,65 @@
-"""Count the bytes every ``torch.distributed`` call moves, per process group and op.
+"""Count the bytes this rank's process-group calls put on the wire, per process group and op.
 
-``with CommCounter() as counter: <forward/backward>`` wraps the collectives and point-to-point
-calls for the duration of the block and restores them on exit. It wraps the names where callers
-find them: ``torch.distributed``, its ``distributed_c10d`` module (whose ``isend``/``irecv``
-``P2POp`` and ``batch_isend_irecv`` compare against by identity), and every module of
-``megatron`` and ``megatron_helix`` that bound a function at import time (megatron-core's
-``tensor_parallel.mappings``, ``tensor_parallel.layers`` and ``distributed.param_and_grad_buffer``
-keep ``dist_all_gather_func = torch.distributed.all_gather_into_tensor`` and the like).
+``with CommCounter() as counter: <forward/backward>`` counts at the dispatcher. Every
+``torch.distributed`` collective and point-to-point call reaches its backend (gloo, NCCL) as one
+``torch.ops.c10d`` operator, whatever name the caller reached it by, so the counter reads the
+tensors and the process group the backend is actually handed. On torch 2.13 with gloo:
+
+- ``all_reduce`` -> ``allreduce_``; ``all_gather`` -> ``allgather_``; ``all_gather_into_tensor``,
+  ``_all_gather_base`` and megatron-core's import-time binding ``dist_all_gather_func`` ->
+  ``_allgather_base_``; ``reduce_scatter(_tensor)`` -> ``reduce_scatter_`` /
+  ``_reduce_scatter_base_``; ``all_to_all(_single)`` -> ``alltoall_`` / ``alltoall_base_``;
+  ``broadcast``, ``reduce``, ``gather``, ``scatter`` -> ``broadcast_``, ``reduce_``,
+  ``gather_``, ``scatter_``;
+- ``send``/``isend`` -> ``send``; ``recv``/``irecv`` -> ``recv_`` (``recv_any_source_`` without
+  a source); ``batch_isend_irecv`` -> one ``send`` or ``recv_`` per ``P2POp``;
+- collectives issued inside ``_coalescing_manager`` (Megatron DDP's buckets) -> one
+  ``allreduce_coalesced_`` / ``allgather_into_tensor_coalesced_`` /
+  ``reduce_scatter_tensor_coalesced_`` for the lot;
+- calls made in autograd's backward pass, under ``no_grad`` or in inference mode alike.
+
+torch's ``CommDebugMode`` sees these ops from a ``TorchDispatchMode``. Such a mode takes every
+aten op through Python and breaks tensor subclasses built under it (helix's causal SDPA builds a
+``torch.nn.attention.bias.CausalBias``: "Creating a new Tensor subclass ... already associated
+to a python object"), so the counter instead registers a kernel on the c10d ops alone, at the
+``BackendSelect`` key every call passes just above the backend, and redispatches below it.
+The kernels are registered while a counter is active and removed after.
 
 Bytes are those *this rank* sends and receives under the algorithm each op stands for, with
-``m`` the group size and ``N`` the buffer in bytes (``comm_formulas``' algorithm functions,
-the definitions ``attention/strategy.py`` uses, so formulas and measurements compare exactly):
+``m`` the group size and ``N`` the bytes of the tensors handed to the op. The rules are defined
+here, from the tensors alone; ``comm_formulas`` prices the same traffic in closed form and the
+tests compare the two, so neither side checks itself:
 
-=============================  =====================================  ==========================
-op                             sent                                   received
-=============================  =====================================  ==========================
-all_reduce                     ring: ``2 (m-1) N / m``                same
-all_gather(_into_tensor)       ring: ``(m-1)`` local shards           ``(m-1)`` remote shards
-reduce_scatter(_tensor)        ring: ``(m-1)`` output shards          same
-all_to_all(_single)            every slot but its own                 every slot but its own
-broadcast / reduce             chain from / to the root: ``N`` unless last / first in the chain
-gather / scatter               flat: each leaf ``N`` to / from the root, the root ``(m-1) N``
-isend / send                   ``N``                                  0
-irecv / recv                   0                                      ``N``
-batch_isend_irecv              its sends                              its receives
-=============================  =====================================  ==========================
+=================================  ===============================  ===========================
+c10d op                            sent                             received
+=================================  ===============================  ===========================
+allreduce_ (+ _coalesced_)         ring: ``2 (m-1) N / m``          same
+allgather_, _allgather_base_,      ring: ``(m-1)`` input shards     output less the input
+allgather(_into_tensor)_coalesced_
+reduce_scatter_, _reduce_scatter   ring: ``(m-1)`` output shards    same
+_base_, reduce_scatter_tensor
+_coalesced_
+alltoall_, alltoall_base_          input less its own slot          output less its own slot
+broadcast_ / reduce_               chain from / to the root: ``N`` unless last / first in it
+gather_ / scatter_                 flat: each leaf ``N`` to / from the root, the root ``(m-1) N``
+send                               ``N``                            0
+recv_, recv_any_source_            0                                ``N``
+=================================  ===============================  ===========================
 
-Integer division rounds down per call. A call made from inside another wrapped call (torch's
-``_all_gather_base`` forwards to ``all_gather_into_tensor``; ``batch_isend_irecv`` calls
-``isend``) is counted once, by the outermost. Groups are named after the Megatron or helix
-getter that returns them (``tp``, ``pp``, ``dp``, ``cp``, ``helix_slice``, ...; the first
-match in ``_GROUP_GETTERS`` order wins, so the helix group reads ``tp``), the default group
-``world``, anything else ``group``; the ranks tuple tells groups of one name apart.
+Integer division rounds down per call. Barriers carry no payload and are not counted.
+Functional collectives (``_c10d_functional``: DTensor, compiled graphs) need not reach the
+backend through these ops, so the counter does not promise them; Megatron and helix do not
+use them.
+
+Tallies are keyed by the c10d op's name (``allreduce_``, ``send``, ...). Groups are named after
+the Megatron or helix getter that returns them (``tp``, ``pp``, ``dp``, ``cp``,
+``helix_slice``, ...; the first match in ``_GROUP_GETTERS`` order wins, so a helix group equal
+to the TP group reads ``tp``), the default group ``world``, anything else ``group``; the ranks
+tuple tells groups of one name apart.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 import threading
 from dataclasses import dataclass
@@ -45,21 +67,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d
-
-from megatron_helix.perf.comm_formulas import (
-    all_gather_sent,
-    all_reduce_sent,
-    all_to_all_sent,
-    reduce_scatter_sent,
-)
-
-Group = Optional[dist.ProcessGroup]
+from torch._C import DispatchKey
 
 
 @dataclass(frozen=True)
 class CommKey:
-    """One row of the tally: a process group (name and global ranks) and an op."""
+    """One row of the tally: a process group (name and global ranks) and a c10d op."""
 
     group: str
     ranks: Tuple[int, ...]
@@ -77,132 +90,126 @@ class CommTally:
 
 @dataclass(frozen=True)
 class _Call:
-    """What a byte rule needs: the bound arguments, the group's size and this rank in it."""
+    """One c10d op call: its arguments by schema name, the group's size ``m``, this rank in it."""
 
     args: Dict[str, object]
     size: int
     rank: int
 
-    def group_rank_of(self, global_key: str, group_key: str) -> int:
-        """The root's rank in the group, from ``src``/``dst`` (global) or ``group_src``/...."""
-        if self.args.get(group_key) is not None:
-            return int(self.args[group_key])
-        group = _group_or_world(self.args.get("group"))
-        return dist.get_group_rank(group, int(self.args[global_key]))
+    def nbytes(self, name: str) -> int:
+        """Bytes of argument ``name``: a tensor or a (nested) list of tensors."""
+        return _nbytes(self.args[name])
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+Rule = Callable[[_Call], Tuple[int, int]]
 
 
-def _list_bytes(tensors) -> int:
+def _nbytes(tensors) -> int:
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
     return sum(_nbytes(t) for t in tensors)
 
 
 def _all_reduce(c: _Call) -> Tuple[int, int]:
-    moved = all_reduce_sent(_nbytes(c.args["tensor"]), c.size)
+    moved = 2 * (c.size - 1) * c.nbytes("tensors") // c.size
     return moved, moved
 
 
-def _all_gather_base(c: _Call) -> Tuple[int, int]:
-    moved = all_gather_sent(_nbytes(c.args["input_tensor"]), c.size)
-    return moved, moved
+def _all_gather(inputs: str, outputs: str) -> Rule:
+    """Ring all-gather: forward ``m - 1`` shards the size of one's own, receive all others."""
+
+    def rule(c: _Call) -> Tuple[int, int]:
+        own = c.nbytes(inputs)
+        return (c.size - 1) * own, c.nbytes(outputs) - own
+
+    return rule
 
 
-def _all_gather(c: _Call) -> Tuple[int, int]:
-    received = _list_bytes(c.args["tensor_list"]) - _nbytes(c.args["tensor_list"][c.rank])
-    return all_gather_sent(_nbytes(c.args["tensor"]), c.size), received
+def _reduce_scatter(outputs: str) -> Rule:
+    """Ring reduce-scatter: ``m - 1`` partial shards of the output's size each way."""
+
+    def rule(c: _Call) -> Tuple[int, int]:
+        moved = (c.size - 1) * c.nbytes(outputs)
+        return moved, moved
+
+    return rule
 
 
-def _reduce_scatter(c: _Call) -> Tuple[int, int]:
-    moved = reduce_scatter_sent(_nbytes(c.args["output"]), c.size)
-    return moved, moved
-
-
-def _slots_but_own(tensor: torch.Tensor, splits, c: _Call) -> int:
-    """All-to-all bytes outside this rank's own slot (even, or ``splits`` rows per rank)."""
+def _own_slot(tensor: torch.Tensor, splits, c: _Call) -> int:
+    """Bytes of this rank's slot of an all-to-all buffer: ``1/m`` of it, or ``splits`` rows."""
     if not splits:
-        return all_to_all_sent(_nbytes(tensor), c.size)
-    row_bytes = _nbytes(tensor) // max(1, tensor.shape[0])
-    return _nbytes(tensor) - splits[c.rank] * row_bytes
+        return _nbytes(tensor) // c.size
+    return splits[c.rank] * (_nbytes(tensor) // max(1, tensor.shape[0]))
 
 
-def _all_to_all_single(c: _Call) -> Tuple[int, int]:
+def _all_to_all_base(c: _Call) -> Tuple[int, int]:
     out, inp = c.args["output"], c.args["input"]
     return (
-        _slots_but_own(inp, c.args.get("input_split_sizes"), c),
-        _slots_but_own(out, c.args.get("output_split_sizes"), c),
+        _nbytes(inp) - _own_slot(inp, c.args["input_split_sizes"], c),
+        _nbytes(out) - _own_slot(out, c.args["output_split_sizes"], c),
     )
 
 
 def _all_to_all(c: _Call) -> Tuple[int, int]:
-    out, inp = c.args["output_tensor_list"], c.args["input_tensor_list"]
-    return (
-        _list_bytes(inp) - _nbytes(inp[c.rank]),
-        _list_bytes(out) - _nbytes(out[c.rank]),
-    )
+    out, inp = c.args["output_tensors"], c.args["input_tensors"]
+    return _nbytes(inp) - _nbytes(inp[c.rank]), _nbytes(out) - _nbytes(out[c.rank])
 
 
-def _chain(c: _Call, root: int, towards_root: bool) -> Tuple[int, int]:
+def _chain(towards_root: bool) -> Rule:
     """Pipelined chain over the group, ranks ordered from the root (broadcast) or to it."""
-    position = (c.rank - root) % c.size
-    first, last = position == 0, position == c.size - 1
-    n = _nbytes(c.args["tensor"])
-    if towards_root:  # reduce: data flows from position m-1 down to the root
-        return (0 if first else n), (0 if last else n)
-    return (0 if last else n), (0 if first else n)
 
+    def rule(c: _Call) -> Tuple[int, int]:
+        position = (c.rank - c.args["root_rank"]) % c.size
+        first, last = position == 0, position == c.size - 1
+        n = c.nbytes("tensors")
+        if towards_root:  # reduce: data flows from position m-1 down to the root
+            return (0 if first else n), (0 if last else n)
+        return (0 if last else n), (0 if first else n)
 
-def _broadcast(c: _Call) -> Tuple[int, int]:
-    return _chain(c, c.group_rank_of("src", "group_src"), towards_root=False)
-
-
-def _reduce(c: _Call) -> Tuple[int, int]:
-    return _chain(c, c.group_rank_of("dst", "group_dst"), towards_root=True)
+    return rule
 
 
 def _gather(c: _Call) -> Tuple[int, int]:
-    n = _nbytes(c.args["tensor"])
-    if c.rank == c.group_rank_of("dst", "group_dst"):
-        return 0, (c.size - 1) * n
-    return n, 0
+    """Flat gather: each leaf sends its ``N`` straight to the root."""
+    n = c.nbytes("input_tensors")
+    return (0, (c.size - 1) * n) if c.rank == c.args["root_rank"] else (n, 0)
 
 
 def _scatter(c: _Call) -> Tuple[int, int]:
-    n = _nbytes(c.args["tensor"])
-    if c.rank == c.group_rank_of("src", "group_src"):
-        return (c.size - 1) * n, 0
-    return 0, n
+    """Flat scatter: the root sends each leaf its ``N``."""
+    n = c.nbytes("output_tensors")
+    return ((c.size - 1) * n, 0) if c.rank == c.args["root_rank"] else (0, n)
 
 
 def _send(c: _Call) -> Tuple[int, int]:
-    return _nbytes(c.args["tensor"]), 0
+    return c.nbytes("tensors"), 0
 
 
 def _recv(c: _Call) -> Tuple[int, int]:
-    return 0, _nbytes(c.args["tensor"])
+    return 0, c.nbytes("tensors")
 
 
-_BYTE_RULES: Dict[str, Callable[[_Call], Tuple[int, int]]] = {
-    "all_reduce": _all_reduce,
-    "all_gather_into_tensor": _all_gather_base,
-    "_all_gather_base": _all_gather_base,
-    "all_gather": _all_gather,
-    "reduce_scatter_tensor": _reduce_scatter,
-    "_reduce_scatter_base": _reduce_scatter,
-    "reduce_scatter": _reduce_scatter,
-    "all_to_all_single": _all_to_all_single,
-    "all_to_all": _all_to_all,
-    "broadcast": _broadcast,
-    "reduce": _reduce,
-    "gather": _gather,
-    "scatter": _scatter,
-    "isend": _send,
+_RULES: Dict[str, Rule] = {
+    "allreduce_": _all_reduce,
+    "allreduce_coalesced_": _all_reduce,
+    "allgather_": _all_gather("input_tensors", "output_tensors"),
+    "_allgather_base_": _all_gather("input_tensor", "output_tensor"),
+    "allgather_coalesced_": _all_gather("input_list", "output_lists"),
+    "allgather_into_tensor_coalesced_": _all_gather("inputs", "outputs"),
+    "reduce_scatter_": _reduce_scatter("output_tensors"),
+    "_reduce_scatter_base_": _reduce_scatter("output_tensor"),
+    "reduce_scatter_tensor_coalesced_": _reduce_scatter("outputs"),
+    "alltoall_base_": _all_to_all_base,
+    "alltoall_": _all_to_all,
+    "broadcast_": _chain(towards_root=False),
+    "reduce_": _chain(towards_root=True),
+    "gather_": _gather,
+    "scatter_": _scatter,
     "send": _send,
-    "irecv": _recv,
-    "recv": _recv,
+    "recv_": _recv,
+    "recv_any_source_": _recv,
 }
-_P2P_OPS = ("isend", "irecv", "send", "recv", "batch_isend_irecv")
+_P2P_OPS = ("send", "recv_", "recv_any_source_")
 
 # (name, module, getter, kwargs): megatron's and helix's groups, in naming priority.
 _GROUP_GETTERS = (
@@ -221,12 +228,7 @@ _GROUP_GETTERS = (
     ("etp", "megatron.core.parallel_state", "get_expert_tensor_parallel_group", {}),
     ("edp", "megatron.core.parallel_state", "get_expert_data_parallel_group", {}),
     ("helix_slice", "megatron_helix.parallel_state", "get_helix_slice_group", {}),
-    ("helix_head_group", "megatron_helix.parallel_state", "get_helix_head_group_group", {}),
 )
-
-
-def _group_or_world(group: Group) -> dist.ProcessGroup:
-    return group if group is not None else dist.group.WORLD
 
 
 def known_group_names() -> Dict[int, str]:
@@ -245,112 +247,50 @@ def known_group_names() -> Dict[int, str]:
     return names
 
 
-# --------------------------------------------------------------------------- patching
+# --------------------------------------------------------------------------- the kernels
 
 _LOCK = threading.Lock()
 _ACTIVE: List["CommCounter"] = []
-_PATCHES: List[Tuple[object, str, object]] = []  # (module, attribute, original)
-_DEPTH = threading.local()
+_LIBRARY: List[torch.library.Library] = []  # the registration while a counter is active
 
 
-def _record(op: str, group: Group, sent: int, received: int) -> None:
-    for counter in list(_ACTIVE):
-        counter._add(op, group, sent, received)
+def _kernel(op: torch._ops.OpOverload, rule: Rule) -> Callable:
+    """A ``BackendSelect`` kernel for ``op``: price the call by ``rule`` for every active
+    counter, then run the backend's kernel."""
 
+    def kernel(keyset, *args, **kwargs):
+        counters = list(_ACTIVE)
+        if counters:
+            bound = {a.name: v for a, v in zip(op._schema.arguments, args)}
+            bound.update(kwargs)
+            group = dist.ProcessGroup.unbox(bound["process_group"])
+            sent, received = rule(_Call(bound, group.size(), group.rank()))
+            for counter in counters:
+                counter._add(op._opname, group, sent, received)
+        return op.redispatch(keyset.remove(DispatchKey.BackendSelect), *args, **kwargs)
 
-class _Depth:
-    """Per-thread nesting of wrapped calls: only the outermost call is counted.
-
-    Per thread because autograd runs CUDA backward passes on its own threads.
-    """
-
-    def __enter__(self) -> bool:
-        level = getattr(_DEPTH, "level", 0)
-        _DEPTH.level = level + 1
-        return level == 0
-
-    def __exit__(self, *exc) -> None:
-        _DEPTH.level -= 1
-
-
-def _wrap(name: str, original: Callable) -> Callable:
-    rule = _BYTE_RULES[name]
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        with _Depth() as outermost:
-            if outermost and _ACTIVE:
-                bound = signature.bind(*args, **kwargs).arguments
-                group = bound.get("group")
-                world = _group_or_world(group)
-                call = _Call(bound, dist.get_world_size(world), dist.get_rank(world))
-                _record(name, group, *rule(call))
-            return original(*args, **kwargs)
-
-    wrapper.__wrapped_original__ = original  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _wrap_batch(original: Callable, isend_wrapper: Callable, irecv_wrapper: Callable) -> Callable:
-    """``batch_isend_irecv``: count each ``P2POp``; the ``isend``/``irecv`` it calls are nested.
-
-    An op built before the counter started holds the unwrapped ``isend``; torch tells sends
-    from receives by identity with the (now wrapped) module global, so such ops are pointed at
-    the wrappers first.
-    """
-    unwrapped = {isend_wrapper.__wrapped_original__: isend_wrapper,
-                 irecv_wrapper.__wrapped_original__: irecv_wrapper}
-
-    @functools.wraps(original)
-    def wrapper(p2p_op_list):
-        with _Depth() as outermost:
-            for p2p in p2p_op_list:
-                p2p.op = unwrapped.get(p2p.op, p2p.op)
-                if outermost and _ACTIVE:
-                    n = _nbytes(p2p.tensor)
-                    sent = n if p2p.op is isend_wrapper else 0
-                    _record("batch_isend_irecv", p2p.group, sent, n - sent)
-            return original(p2p_op_list)
-
-    return wrapper
-
-
-def _modules_to_patch() -> Iterator[object]:
-    yield dist
-    yield distributed_c10d
-    for name, module in list(sys.modules.items()):
-        if module is not None and name.split(".")[0] in ("megatron", "megatron_helix"):
-            yield module
+    return kernel
 
 
 def _install() -> None:
-    originals = {name: getattr(dist, name) for name in _BYTE_RULES if hasattr(dist, name)}
-    wrappers = {name: _wrap(name, fn) for name, fn in originals.items()}
-    batch = dist.batch_isend_irecv
-    wrappers["batch_isend_irecv"] = _wrap_batch(batch, wrappers["isend"], wrappers["irecv"])
-    originals["batch_isend_irecv"] = batch
-    by_identity = {id(fn): wrappers[name] for name, fn in originals.items()}
-    for module in _modules_to_patch():
-        for attr, value in list(vars(module).items()):
-            wrapper = by_identity.get(id(value))
-            if wrapper is not None:
-                _PATCHES.append((module, attr, value))
-                setattr(module, attr, wrapper)
+    library = torch.library.Library("c10d", "IMPL")
+    for name, rule in _RULES.items():
+        op = getattr(torch.ops.c10d, name).default
+        library.impl(name, _kernel(op, rule), "BackendSelect", with_keyset=True)
+    _LIBRARY.append(library)
 
 
 def _uninstall() -> None:
-    while _PATCHES:
-        module, attr, original = _PATCHES.pop()
-        setattr(module, attr, original)
+    _LIBRARY.pop()._destroy()  # torch's way to drop a Library's registrations
 
 
 class CommCounter:
     """Context manager tallying this rank's communication per ``(group, ranks, op)``.
 
-    Counters may nest or overlap: the functions are wrapped while at least one is active and
-    every active counter sees every call. Groups are named by ``known_group_names()`` when
-    first seen; ``group_names`` adds or overrides names.
+    Counters may nest or overlap: the kernels are registered while at least one is active and
+    every active counter sees every call, from any thread (backward may run on autograd's
+    device threads). Groups are named by ``known_group_names()`` when first seen;
+    ``group_names`` adds or overrides names.
     """
 
     def __init__(self, group_names: Optional[Dict[dist.ProcessGroup, str]] = None):
@@ -372,20 +312,7 @@ class CommCounter:
             if not _ACTIVE:
                 _uninstall()
 
-    def _describe(self, group: Group) -> Tuple[str, Tuple[int, ...]]:
-        """Name and ranks of ``group``, looked up when first seen (groups may be built after
-        the counter started, e.g. by a trainer running inside it)."""
-        world = _group_or_world(group)
-        seen = self._seen.get(id(world))
-        if seen is None or seen[0] is not world:
-            names = known_group_names()
-            names.update({id(g): name for g, name in self._extra_names.items()})
-            ranks = tuple(dist.get_process_group_ranks(world))
-            seen = (world, names.get(id(world), "group"), ranks)
-            self._seen[id(world)] = seen
-        return seen[1], seen[2]
-
-    def _add(self, op: str, group: Group, sent: int, received: int) -> None:
+    def _add(self, op: str, group: dist.ProcessGroup, sent: int, received: int) -> None:
         name, ranks = self._describe(group)
         with _LOCK:
             tally = self.tallies.setdefault(CommKey(name, ranks, op), CommTally())
@@ -393,7 +320,21 @@ class CommCounter:
             tally.bytes_sent += sent
             tally.bytes_received += received
 
-    def _select(self, group: Optional[str], op: Optional[str], p2p: Optional[bool]):
+    def _describe(self, group: dist.ProcessGroup) -> Tuple[str, Tuple[int, ...]]:
+        """Name and ranks of ``group``, looked up when first seen (groups may be built after
+        the counter started, e.g. by a trainer running inside it)."""
+        seen = self._seen.get(id(group))
+        if seen is None or seen[0] is not group:
+            names = known_group_names()
+            names.update({id(g): name for g, name in self._extra_names.items()})
+            ranks = tuple(dist.get_process_group_ranks(group))
+            seen = (group, names.get(id(group), "group"), ranks)
+            self._seen[id(group)] = seen
+        return seen[1], seen[2]
+
+    def _select(
+        self, group: Optional[str], op: Optional[str], p2p: Optional[bool]
+    ) -> Iterator[CommTally]:
         for key, tally in self.tallies.items():
             if group is not None and key.group != group:
                 continue
@@ -421,13 +362,13 @@ class CommCounter:
 
     def table(self) -> str:
         """A readable table, one row per ``(group, ranks, op)``."""
-        lines = [f"{'group':<16} {'ranks':<20} {'op':<24} {'calls':>6} {'sent B':>14} "
+        lines = [f"{'group':<16} {'ranks':<20} {'op':<34} {'calls':>6} {'sent B':>14} "
                  f"{'recv B':>14}"]
         order = sorted(self.tallies.items(), key=lambda kv: (kv[0].group, kv[0].ranks, kv[0].op))
         for key, t in order:
             ranks = ",".join(map(str, key.ranks))
             lines.append(
-                f"{key.group:<16} {ranks:<20} {key.op:<24} {t.calls:>6} {t.bytes_sent:>14} "
+                f"{key.group:<16} {ranks:<20} {key.op:<34} {t.calls:>6} {t.bytes_sent:>14} "
                 f"{t.bytes_received:>14}"
             )
         return "\n".join(lines)
