@@ -1,6 +1,6 @@
 """Performance truth: what a layout communicates, stores and costs (docs/PERFORMANCE.md).
 
-- ``comm_counter``: measured bytes per process group and op (wraps ``torch.distributed``).
+- ``comm_counter``: bytes per process group and op, counted at the ``torch.ops.c10d`` ops.
 - ``comm_formulas``: the same bytes in closed form, per layer and rank.
 - ``memory``: bytes per rank of parameters, gradients, optimizer state, saved activations and
   KV cache, by formula and by measurement.
