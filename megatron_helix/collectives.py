@@ -1,8 +1,18 @@
-"""Differentiable collectives over an arbitrary process group.
+"""An all-gather into a new leading dim whose backward reduce-scatters, over any process group.
 
-Megatron's mappings are tied to the tensor-parallel group and to sequence-first layouts; helix
-needs the same operations inside the slice group. Each op is its own adjoint pair:
-all-to-all is undone by the reverse all-to-all, all-gather by reduce-scatter.
+The redistribute strategy gathers every slice rank's keys and values and each rank attends its
+own query tokens to them, so the gradient of rank ``i``'s keys is the sum over the group of
+slot ``i`` of every rank's gradient: a reduce-scatter. The library versions do not serve:
+
+- ``torch.distributed.nn.functional.all_gather`` reduce-scatters in its backward only on NCCL;
+  on gloo it scatters from the group index taken as a global rank, which fails on every group
+  that does not start at global rank 0 (the slice groups of a helix ``n > 1``), and its
+  ``_all_gather_base`` refuses non-NCCL backends in the backward;
+- Megatron's ``gather_from_sequence_parallel_region`` allocates on
+  ``torch.cuda.current_device()``, so it needs a GPU or ``cpu.enable_cpu_execution``.
+
+(The other differentiable collectives helix uses are the libraries': Megatron's
+``tensor_parallel.mappings.all_to_all`` and ``torch.distributed.nn.functional.all_reduce``.)
 """
 
 from __future__ import annotations
@@ -11,27 +21,8 @@ import torch
 import torch.distributed as dist
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like
-    dist.all_to_all_single(out, x.contiguous(), group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Send block ``i`` of dim 0 to rank ``i``; receive rank ``i``'s block into slot ``i``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _all_to_all(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_to_all(grad, ctx.group), None
-
-
-class _AllGatherDim0(torch.autograd.Function):
-    """Concatenate every rank's tensor along a new leading dim ``[world, *shape]``."""
+class _AllGatherStacked(torch.autograd.Function):
+    """``[...]`` -> ``[world, ...]`` by ``all_gather_into_tensor``; ``reduce_scatter_tensor`` back."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -48,15 +39,8 @@ class _AllGatherDim0(torch.autograd.Function):
         return out, None
 
 
-def all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``x``: ``[world, ...]`` -> ``[world, ...]``, slot ``i`` sent to / received from rank ``i``."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _AllToAll.apply(x, group)
-
-
 def all_gather_stacked(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``x``: ``[...]`` -> ``[world, ...]`` in rank order; gradients are reduce-scattered."""
     if dist.get_world_size(group) == 1:
         return x.unsqueeze(0)
-    return _AllGatherDim0.apply(x, group)
+    return _AllGatherStacked.apply(x, group)

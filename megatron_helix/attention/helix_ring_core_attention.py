@@ -13,11 +13,11 @@ on one rank.
 
 from __future__ import annotations
 
+from megatron.core.tensor_parallel.mappings import all_to_all
 from torch import Tensor
 
 from megatron_helix import parallel_state as helix_state
 from megatron_helix.attention.ring_core_attention import RingDotProductAttention
-from megatron_helix.collectives import all_to_all
 
 
 def dims_to_heads(x: Tensor, m: int, group) -> Tensor:
@@ -28,7 +28,7 @@ def dims_to_heads(x: Tensor, m: int, group) -> Tensor:
     """
     s, b, h, dm = x.shape
     send = x.view(s, b, m, h // m, dm).permute(2, 0, 1, 3, 4)  # slot j: heads of rank j
-    received = all_to_all(send, group)  # slot j: my heads, dims of rank j
+    received = all_to_all(group, send)  # slot j: my heads, dims of rank j
     return received.permute(1, 2, 3, 0, 4).reshape(s, b, h // m, m * dm)
 
 
@@ -36,7 +36,7 @@ def heads_to_dims(y: Tensor, m: int, group) -> Tensor:
     """Inverse of ``dims_to_heads``: ``[s, b, h/m, d]`` -> ``[s, b, h, d/m]``."""
     s, b, hm, d = y.shape
     send = y.view(s, b, hm, m, d // m).permute(3, 0, 1, 2, 4)  # slot j: dims of rank j
-    received = all_to_all(send, group)  # slot j: heads of rank j, my dims
+    received = all_to_all(group, send)  # slot j: heads of rank j, my dims
     return received.permute(1, 2, 0, 3, 4).reshape(s, b, m * hm, d // m)
 
 

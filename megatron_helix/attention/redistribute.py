@@ -20,18 +20,19 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import all_to_all
 from torch import Tensor
 
 from megatron_helix.attention.sdpa import sdpa_attention
 from megatron_helix.attention.zigzag import zigzag_chunks
-from megatron_helix.collectives import all_gather_stacked, all_to_all
+from megatron_helix.collectives import all_gather_stacked
 
 
 def _dims_to_tokens(x: Tensor, m: int, group) -> Tensor:
     """``[2m, c, b, h, d/m]`` (all chunks, my dims) -> ``[2, c, b, h, d]`` (my chunks, all dims)."""
     order = [chunk for j in range(m) for chunk in zigzag_chunks(j, m)]
     send = x[order].reshape((m, 2) + x.shape[1:])  # slot j: chunks of rank j
-    received = all_to_all(send, group)  # slot j: my chunks, dims of rank j
+    received = all_to_all(group, send)  # slot j: my chunks, dims of rank j
     return received.permute(1, 2, 3, 4, 0, 5).flatten(-2)
 
 
@@ -39,7 +40,7 @@ def _tokens_to_dims(y: Tensor, m: int, group) -> Tensor:
     """Inverse of ``_dims_to_tokens``: ``[2, c, b, h, d]`` -> ``[2m, c, b, h, d/m]``."""
     two, c, b, h, d = y.shape
     send = y.view(two, c, b, h, m, d // m).permute(4, 0, 1, 2, 3, 5)  # slot j: dims of rank j
-    received = all_to_all(send.contiguous(), group)  # slot j: chunks of rank j, my dims
+    received = all_to_all(group, send)  # slot j: chunks of rank j, my dims
     order = [chunk for j in range(m) for chunk in zigzag_chunks(j, m)]
     inverse = [order.index(chunk) for chunk in range(2 * m)]
     return received.reshape((2 * m,) + received.shape[2:])[inverse]

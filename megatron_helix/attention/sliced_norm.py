@@ -5,10 +5,11 @@ the head dims split over the ``m`` ranks of a slice group, each rank sums its di
 (``sum x`` and ``sum x^2`` for LayerNorm, ``sum x^2`` for RMSNorm), in fp32, and one all-reduce
 over the slice group completes the statistics of the whole head. The rank then normalizes its
 own dims and applies the norm's weight (and bias) at those dims only. The all-reduce is
-differentiable (its backward all-reduces the statistics' gradients), so the input gradient is
-exact; the weight gradient is nonzero only at the rank's dims and from the rank's heads, so
-Megatron's sum of the q/k-norm weight gradients over the tensor-parallel group
-(``finalize_model_grads``, keyed on ``config.qk_layernorm``) gives the one-device gradient.
+``torch.distributed.nn.functional``'s, whose backward all-reduces the statistics' gradients
+(every rank's statistics depend on every rank's dims), so the input gradient is exact; the
+weight gradient is nonzero only at the rank's dims and from the rank's heads, so Megatron's sum
+of the q/k-norm weight gradients over the tensor-parallel group (``finalize_model_grads``,
+keyed on ``config.qk_layernorm``) gives the one-device gradient.
 
 The norm module is read, not called: its ``weight`` (``[d]``, replicated on every rank, as
 Megatron keeps it) and optional ``bias``, with the kind, epsilon and zero-centred gamma taken
@@ -26,25 +27,9 @@ import torch.distributed as dist
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+from torch.distributed.nn.functional import all_reduce
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ``group``; the result depends on every rank's input, so the backward sums too."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 def _slice_of(param: Optional[Tensor], dims: Tensor, head_dim: int, what: str) -> Optional[Tensor]:
@@ -105,7 +90,7 @@ def sliced_head_norm(
         partial = xf.square().sum(-1, keepdim=True)
     else:
         partial = torch.cat([xf.sum(-1, keepdim=True), xf.square().sum(-1, keepdim=True)], -1)
-    total = _AllReduceSum.apply(partial, group) if dist.get_world_size(group) > 1 else partial
+    total = all_reduce(partial, group=group) if dist.get_world_size(group) > 1 else partial
     if kind == "RMSNorm":
         y = xf * torch.rsqrt(total / head_dim + config.layernorm_epsilon)
     else:
