@@ -13,6 +13,8 @@ on one rank.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.tensor_parallel.mappings import all_to_all
 from torch import Tensor
 
@@ -35,7 +37,7 @@ def dims_to_heads(x: Tensor, m: int, group) -> Tensor:
 def heads_to_dims(y: Tensor, m: int, group) -> Tensor:
     """Inverse of ``dims_to_heads``: ``[s, b, h/m, d]`` -> ``[s, b, h, d/m]``."""
     s, b, hm, d = y.shape
-    send = y.view(s, b, hm, m, d // m).permute(3, 0, 1, 2, 4)  # slot j: dims of rank j
+    send = y.reshape(s, b, hm, m, d // m).permute(3, 0, 1, 2, 4)  # slot j: dims of rank j
     received = all_to_all(group, send)  # slot j: heads of rank j, my dims
     return received.permute(1, 2, 0, 3, 4).reshape(s, b, m * hm, d // m)
 
@@ -43,12 +45,12 @@ def heads_to_dims(y: Tensor, m: int, group) -> Tensor:
 class HelixRingCoreAttention(RingDotProductAttention):
     """``RingDotProductAttention`` on helix dim slices (constructor and forward unchanged)."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.helix_m = helix_state.get_helix_m()
-        n = helix_state.get_helix_n()
-        heads, groups = config.num_attention_heads // n, (config.num_query_groups or
-                                                          config.num_attention_heads) // n
+        n, config = helix_state.get_helix_n(), self.config
+        heads = config.num_attention_heads // n
+        groups = (config.num_query_groups or config.num_attention_heads) // n
         if self.helix_m > 1 and (heads % self.helix_m or groups % self.helix_m):
             raise ValueError(
                 f"--helix-ring-size with --helix-m {self.helix_m}: the ring attends whole heads, "
@@ -57,13 +59,15 @@ class HelixRingCoreAttention(RingDotProductAttention):
                 f"multiples of m"
             )
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs) -> Tensor:
-        """query ``[s, b, h, d/m]``, key/value ``[s, b, g, d/m]`` -> ``[s, b, h * d/m]``."""
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, causal: bool, mask: Optional[Tensor],
+        dropout_p: float,
+    ) -> Tensor:
+        """query ``[s, b, h, d/m]``, key/value ``[s, b, g, d/m]`` -> ``[s, b, h, d/m]``."""
         m = self.helix_m
         if m == 1:
-            return super().forward(query, key, value, *args, **kwargs)
+            return super()._attend(query, key, value, causal, mask, dropout_p)
         group = helix_state.get_helix_slice_group()
         q, k, v = (dims_to_heads(t, m, group) for t in (query, key, value))
-        out = super().forward(q, k, v, *args, **kwargs)  # [s, b, h/m * d]
-        out = heads_to_dims(out.view(*q.shape), m, group)
-        return out.reshape(out.shape[0], out.shape[1], -1)
+        out = super()._attend(q, k, v, causal, mask, dropout_p)  # [s, b, h/m, d]
+        return heads_to_dims(out, m, group)

@@ -23,108 +23,61 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
 from megatron_helix.attention.block_kernel import check_kernel_name
+from megatron_helix.attention.core_attention import CoreAttention
 from megatron_helix.attention.ring_attention import ring_attention
 from megatron_helix.attention.sdpa import sdpa_attention
 
-_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
-_MASKED = (AttnMaskType.padding, AttnMaskType.padding_causal, AttnMaskType.arbitrary)
 _SUPPORTED = (
     "causal or unmasked self-attention on zigzag shards, with or without attention dropout, at "
     "any context-parallel size; padding or arbitrary masks only with context-parallel size 1"
 )
 
 
-class RingDotProductAttention(MegatronModule):
+class RingDotProductAttention(CoreAttention):
     """Exact core attention over Megatron's context-parallel ring, without Transformer Engine.
 
-    Args mirror ``megatron.core.transformer.dot_product_attention.DotProductAttention``.
-    ``cp_comm_type`` may be ``None`` or ``"p2p"`` (the ring); ``pg_collection`` must provide
-    ``cp`` (default: Megatron's parallel state). ``block_kernel`` (``auto``, ``torch``,
-    ``flash_attn``; set through the spec's ``params``) picks the ring's block kernel.
+    Args: those of ``CoreAttention`` (``DotProductAttention``'s). ``cp_comm_type`` may be
+    ``None`` or ``"p2p"`` (the ring); ``pg_collection`` must provide ``cp`` (default:
+    Megatron's parallel state). ``block_kernel`` (``auto``, ``torch``, ``flash_attn``; set
+    through the spec's ``params``) picks the ring's block kernel.
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
-        block_kernel: str = "auto",
-    ):
-        super().__init__(config=config)
+    def __init__(self, *args, block_kernel: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         check_kernel_name(block_kernel)
-        if cp_comm_type not in (None, "p2p"):
+        if self.cp_comm_type not in (None, "p2p"):
             raise ValueError(
-                f"RingDotProductAttention is the p2p ring; cp_comm_type {cp_comm_type!r} is not "
-                "supported (use None or 'p2p')"
-            )
-        if config.softmax_type != "vanilla":
-            raise ValueError(
-                f"RingDotProductAttention supports softmax_type 'vanilla', not "
-                f"{config.softmax_type!r}"
+                f"RingDotProductAttention is the p2p ring; cp_comm_type {self.cp_comm_type!r} "
+                "is not supported (use None or 'p2p')"
             )
         if is_layer_window_attention(
-            config.window_size, config.window_attn_skip_freq, layer_number
+            self.config.window_size, self.config.window_attn_skip_freq, self.layer_number
         ):
             raise ValueError("RingDotProductAttention does not support sliding-window attention")
+        pg_collection = self.pg_collection
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
         if getattr(pg_collection, "cp", None) is None:
             raise ValueError("RingDotProductAttention needs pg_collection.cp, the ring's group")
         self.cp_group = pg_collection.cp
         self.block_kernel = block_kernel
-        self.layer_number = max(1, layer_number)
-        self.attn_mask_type = attn_mask_type
-        self.attention_type = attention_type
-        self.softmax_scale = (
-            config.kv_channels ** -0.5 if softmax_scale is None else softmax_scale
-        )
-        self.dropout_p = (
-            config.attention_dropout if attention_dropout is None else attention_dropout
-        )
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, causal: bool, mask: Optional[Tensor],
+        dropout_p: float,
     ) -> Tensor:
-        """query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> ``[sq, b, np * hn]``.
-
-        With ``AttnMaskType.causal`` the mask is implied by the positions (as in
-        ``TEDotProductAttention``) and ``attention_mask`` is not read; the padding and
-        arbitrary types read it (``[b, 1, sq, sk]``, True = masked out).
-        """
-        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        causal = mask_type in _CAUSAL
-        mask = attention_mask if mask_type in _MASKED else None
-        dropout_p = self.dropout_p if self.training else 0.0
-        self._refuse_unsupported(mask, attention_bias, packed_seq_params)
+        """query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> ``[sq, b, np, hn]``."""
         with self._dropout_rng(dropout_p):
             if mask is None:
-                out = ring_attention(
+                return ring_attention(
                     query, key, value, causal, self.softmax_scale, self.cp_group,
                     self.block_kernel, dropout_p,
                 )
-            else:
-                out = sdpa_attention(
-                    query, key, value, causal, self.softmax_scale, mask, dropout_p)
-        return out.reshape(out.shape[0], out.shape[1], -1)
+            return sdpa_attention(query, key, value, causal, self.softmax_scale, mask, dropout_p)
 
     def _dropout_rng(self, dropout_p: float):
         """Megatron's ``DotProductAttention`` draws dropout from the model-parallel RNG unless
