@@ -62,8 +62,7 @@ def _cases(rank, world_size):
             out = score_allreduce_attention(ql, kl, vl, group, causal=causal, attention_mask=mask,
                                             softmax_scale=d ** -0.5, query_block_size=3)
         else:
-            out = redistribute_attention(ql, kl, vl, group, causal=causal, attention_mask=mask,
-                                         softmax_scale=d ** -0.5)
+            out = redistribute_attention(ql, kl, vl, group, causal, d ** -0.5, mask)
         out.backward(dout[..., dims])
         qr, kr, vr = (t.double().requires_grad_(True) for t in (q, k, v))
         ref = _reference(qr, kr, vr, causal, mask)
@@ -99,8 +98,11 @@ def _cases(rank, world_size):
         q, k, v = (torch.randn(s, b, h, d).to(dtype) for _ in range(3))
         for strategy in ("allreduce", "redistribute"):
             ql, kl, vl = slices(q, k, v, dims=dims)
-            fn = score_allreduce_attention if strategy == "allreduce" else redistribute_attention
-            out = fn(ql, kl, vl, group, causal=True, softmax_scale=d ** -0.5)
+            if strategy == "allreduce":
+                out = score_allreduce_attention(ql, kl, vl, group, causal=True,
+                                                softmax_scale=d ** -0.5)
+            else:
+                out = redistribute_attention(ql, kl, vl, group, True, d ** -0.5)
             assert out.dtype == dtype
             ref = _reference(q, k, v, True)[..., dims]
             err = (out.double() - ref).norm() / ref.norm()

@@ -81,8 +81,7 @@ class HelixCoreAttention(CoreAttention):
                 )
         with tensor_parallel.get_cuda_rng_tracker().fork():
             return redistribute_attention(
-                query, key, value, group, causal=causal, attention_mask=mask,
-                softmax_scale=self.softmax_scale, dropout_p=dropout_p,
+                query, key, value, group, causal, self.softmax_scale, mask, dropout_p
             )
 
 

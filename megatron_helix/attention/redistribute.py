@@ -51,19 +51,22 @@ def redistribute_attention(
     key: Tensor,
     value: Tensor,
     group: dist.ProcessGroup,
-    causal: bool = True,
-    attention_mask: Optional[Tensor] = None,
-    softmax_scale: Optional[float] = None,
+    causal: bool,
+    scale: float,
+    mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Attention of dim-sliced heads via token redistribution inside the slice ``group``.
+    """``sdpa_attention`` of dim-sliced heads via token redistribution inside the slice ``group``.
+
+    The arguments are those of ``sdpa_attention``, the kernel every rank runs on its query
+    tokens, after the group.
 
     Args:
         query: ``[s, b, h, d/m]``; key, value: ``[s, b, g, d/m]`` (GQA not expanded).
         group: the slice group of ``m`` ranks.
         causal: causal self-attention (``sq == sk``).
-        attention_mask: optional bool ``[b|1, 1, s, s]``, True where attention is forbidden.
-        softmax_scale: defaults to ``1/sqrt(d)``.
+        scale: the softmax scale, for the full head dim ``d`` (not ``d/m``).
+        mask: optional bool ``[b|1, 1, s, s]``, True where attention is forbidden.
         dropout_p: attention dropout, drawn independently per token chunk.
 
     Returns:
@@ -78,8 +81,6 @@ def redistribute_attention(
             f"the redistribute strategy deals 2*m = {2 * m} sequence chunks; sequence length "
             f"{s} is not divisible by it (use --helix-score-strategy allreduce)"
         )
-    if softmax_scale is None:
-        softmax_scale = (dm * m) ** -0.5
     c = s // (2 * m)
     q = _dims_to_tokens(query.view(2 * m, c, b, h, dm), m, group)  # [2, c, b, h, d]
     k = all_gather_stacked(key, group).permute(1, 2, 3, 0, 4).flatten(-2)  # [s, b, g, d]
@@ -89,8 +90,8 @@ def redistribute_attention(
     for i, chunk in enumerate(zigzag_chunks(me, m)):
         q0 = chunk * c
         key_end = q0 + c if causal else s  # a causal chunk sees only its key prefix
-        mask = None if attention_mask is None else attention_mask[:, :, q0:q0 + c, :key_end]
-        chunks.append(sdpa_attention(q[i], k[:key_end], v[:key_end], causal, softmax_scale,
-                                     mask, dropout_p))
+        chunk_mask = None if mask is None else mask[:, :, q0:q0 + c, :key_end]
+        chunks.append(sdpa_attention(q[i], k[:key_end], v[:key_end], causal, scale, chunk_mask,
+                                     dropout_p))
     out = torch.stack(chunks)
     return _tokens_to_dims(out, m, group).reshape(s, b, h, dm)
