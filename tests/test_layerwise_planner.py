@@ -108,6 +108,62 @@ def test_invalid_shapes_explain_themselves():
     assert split_layout(SEED, 16) is None and split_layout(SEED, 64) == (2, 32)
 
 
+# The stage layouts perf.memory prices: TP, TP + SP, helix m x n (s = 128 splits into 2m chunks,
+# so Megatron's ``auto`` takes redistribute), and helix with s = 100 (it cannot: score all-reduce).
+PRICED_LAYOUTS = {
+    "TP=1": (1, 128, dict(tp=1)),
+    "TP=2+SP": (2, 128, dict(tp=2, sequence_parallel=True)),
+    "helix 2x2": (4, 128, dict(tp=4, helix_m=2, sequence_parallel=True,
+                               score_strategy="redistribute")),
+    "helix 4x2, s=100": (8, 100, dict(tp=8, helix_m=4, sequence_parallel=True,
+                                      score_strategy="allreduce")),
+}
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
+@pytest.mark.parametrize("split, seq, layout", PRICED_LAYOUTS.values(), ids=PRICED_LAYOUTS)
+def test_training_working_set_is_perf_memorys_model(split, seq, layout, untied):
+    """The planner prices a training stage with ``perf.memory``, the model that
+    ``tests/test_memory.py`` holds to measurement on CPU runs (parameters, gradients and
+    optimizer state exactly, saved activations within 1%). This test checks equality with that
+    model, not a measurement of its own: on an even cut under a memory budget each stage's
+    working set is ``training_memory`` of the same layout (bf16: 2 B parameters, 16 B of
+    gradient and Adam state per parameter, ``p - i`` micro-batches in flight on stage ``i``)."""
+    from megatron_helix.perf.layouts import ParallelLayout
+    from megatron_helix.perf.memory import Precision, training_memory
+
+    model = ModelShape(8, 256, 8, 1024, num_query_groups=2, vocab_size=3000,
+                       untie_embeddings_and_output_weights=untied)
+    workload = Workload("training", micro_batch_size=2, seq_length=seq)
+    plan = even_split(model, workload, 4, HUGE, tensor_split=split)
+    priced = ParallelLayout(pp=4, **layout)
+    for stage in plan.stages:
+        expected = training_memory(model, priced, 2, seq, 4, Precision.for_dtype("bf16"),
+                                   stage=stage.index)
+        ws = stage.working_set
+        assert ws.weight_bytes == expected.parameters
+        assert ws.state_bytes == expected.gradients + expected.optimizer
+        assert ws.activation_bytes == expected.activations
+        assert ws.total == expected.total
+
+
+def test_uneven_stages_are_priced_with_their_own_layer_counts():
+    """Uneven cuts: each stage's saved activations (training) and KV cache (decode) are
+    ``perf.memory``'s for that stage's layer count."""
+    from megatron_helix.perf.layouts import ParallelLayout
+    from megatron_helix.perf.memory import kv_cache_bytes, stage_activation_bytes
+
+    model = ModelShape(7, 128, 4, 512, vocab_size=1000)
+    counts, layout = [3, 1, 2, 1], ParallelLayout(tp=2, pp=4, sequence_parallel=True)
+    training = evaluate_layout(model, Workload("training", 2, 64), counts, HUGE, 2)
+    decode = evaluate_layout(model, Workload("decode", 2, 64), counts, HUGE, 2)
+    for stage, cached in zip(training.stages, decode.stages):
+        assert stage.working_set.activation_bytes == stage_activation_bytes(
+            model, layout, stage.index, 2, 64, 4, 2, layers=stage.num_layers) > 0
+        assert cached.working_set.state_bytes == kv_cache_bytes(
+            model, layout, 2, 64, 2, layers=stage.num_layers) > 0
+
+
 def test_stage_plan_rejects_a_gap():
     ws = StageWorkingSet(1, 0, 0)
     stages = (Stage(0, 0, 1, ws, 1, True), Stage(1, 2, 1, ws, 1, True))

@@ -14,8 +14,11 @@ layout would need and the smallest tensor (or helix) split that would fit.
 Modules:
 
 - ``budgets``: named device budgets, ``parse_budget`` and byte formatting.
-- ``working_set``: ``ModelShape`` / ``Workload`` and the working-set formulas.
-- ``stage_model``: one stage's working set and cost, and the exact partition DP.
+- ``model_shape``: ``ModelShape``, a decoder stack and its parameters per rank.
+- ``workload``: ``Workload`` (what a stage runs) and ``StageWorkingSet`` (what it needs).
+- ``stage_model``: one stage's working set and cost, and the exact partition DP. KV caches and
+  activations are priced by ``megatron_helix.perf.memory``, the project's one activation-memory
+  model, which ``megatron-helix plan`` uses as well.
 - ``plan``: ``StagePlan`` and its Megatron layout string / kwargs / flags, ``split_layout``,
   ``LayerwisePlanError``.
 - ``partition``: ``plan_layerwise``, ``evaluate_layout``, ``even_split``, ``plan_for_world``,
@@ -33,6 +36,7 @@ from megatron_helix.layerwise.budgets import (
     parse_budget,
 )
 from megatron_helix.layerwise.cli import main
+from megatron_helix.layerwise.model_shape import NORMALIZATIONS, ModelShape
 from megatron_helix.layerwise.partition import (
     COST_METRICS,
     evaluate_layout,
@@ -44,13 +48,7 @@ from megatron_helix.layerwise.partition import (
 from megatron_helix.layerwise.plan import LayerwisePlanError, Stage, StagePlan, split_layout
 from megatron_helix.layerwise.refusal import MAX_TENSOR_SPLIT
 from megatron_helix.layerwise.report import format_plan
-from megatron_helix.layerwise.working_set import (
-    MODES,
-    NORMALIZATIONS,
-    ModelShape,
-    StageWorkingSet,
-    Workload,
-)
+from megatron_helix.layerwise.workload import MODES, StageWorkingSet, Workload
 
 __all__ = [
     "BUDGET_KINDS",

@@ -9,7 +9,7 @@ from megatron_helix.layerwise.budgets import BUDGET_KINDS, NAMED_BUDGETS
 from megatron_helix.layerwise.partition import COST_METRICS, plan_from_args
 from megatron_helix.layerwise.plan import LayerwisePlanError
 from megatron_helix.layerwise.report import format_plan
-from megatron_helix.layerwise.working_set import MODES
+from megatron_helix.layerwise.workload import MODES
 from megatron_helix.model_args import add_model_shape_args, model_shape_kwargs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 from megatron_helix.layerwise.budgets import Budget, format_bytes, parse_budget
+from megatron_helix.layerwise.model_shape import ModelShape
 from megatron_helix.layerwise.plan import (
     LayerwisePlanError,
     StagePlan,
@@ -13,7 +14,7 @@ from megatron_helix.layerwise.plan import (
 )
 from megatron_helix.layerwise.refusal import _refusal
 from megatron_helix.layerwise.stage_model import _StageModel
-from megatron_helix.layerwise.working_set import ModelShape, Workload
+from megatron_helix.layerwise.workload import Workload
 
 COST_METRICS = ("flops", "bytes")
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from megatron_helix.layerwise.budgets import Budget
-from megatron_helix.layerwise.working_set import ModelShape, StageWorkingSet, Workload
+from megatron_helix.layerwise.model_shape import ModelShape
+from megatron_helix.layerwise.workload import StageWorkingSet, Workload
 from megatron_helix.layout import layout_errors
 
 

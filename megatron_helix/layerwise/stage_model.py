@@ -1,21 +1,24 @@
 """One stage's working set and cost (bytes, FLOPs) and the exact DP over contiguous cuts.
 
-The working-set formulas are stated in ``working_set``'s docstring.
+Weights are counted here (a cache budget counts the embedding rows a step reads, a memory
+budget the whole table); KV caches and activations are priced by ``perf.memory``, the one
+activation-memory model, for ``layout``: the planner's stages as ``perf`` sees a layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
+from megatron_helix.attention.strategy import SliceGroupShape, choose_strategy
 from megatron_helix.layerwise.budgets import Budget
+from megatron_helix.layerwise.model_shape import ModelShape, ceil_div
 from megatron_helix.layerwise.plan import Stage, StagePlan, split_layout
-from megatron_helix.layerwise.working_set import (
-    ModelShape,
-    StageWorkingSet,
-    Workload,
-    _ceil_div,
-)
+from megatron_helix.layerwise.workload import StageWorkingSet, Workload
+
+if TYPE_CHECKING:
+    from megatron_helix.perf.layouts import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -29,41 +32,77 @@ class _StageModel:
     num_stages: int
     cost_metric: str
 
-    def working_set(self, index: int, num_layers: int) -> StageWorkingSet:
-        m, w, t = self.model, self.workload, self.tensor_split
-        first, last = index == 0, index == self.num_stages - 1
-        tokens, dtype = w.tokens, w.dtype_bytes
-        params = num_layers * m.layer_params(t)
-        touched_embedding_rows = 0
-        if last:
-            params += m.output_params(t)
-        if first and m.vocab_size and (m.untie_embeddings_and_output_weights or not last):
-            if self.budget.kind == "cache":
-                touched_embedding_rows = min(tokens, m.padded_vocab(t) // t) * m.hidden_size
-            else:
-                params += m.embedding_params(t)
-        weights = (params + touched_embedding_rows) * dtype
+    @cached_property
+    def layout(self) -> "ParallelLayout":
+        """The plan as ``perf.memory`` prices it: ``num_stages`` pipeline stages of
+        ``tensor_split`` ranks, plain TP or helix ``m x n`` (``split_layout``) with the score
+        strategy Megatron's ``auto`` picks for a training step, sequence parallel when split,
+        no ring, no data parallelism."""
+        # perf.layouts imports this package (for ModelShape): import it when first used.
+        from megatron_helix.perf.layouts import ParallelLayout
 
-        logits = tokens * (m.padded_vocab(t) // t) if last else 0
-        state = activations = 0
-        if w.mode == "decode":
-            state = num_layers * _ceil_div(2 * w.micro_batch_size * w.seq_length
-                                           * m.query_groups * m.head_dim, t) * dtype
-        if w.mode in ("decode", "forward"):
-            widest = max(m.qkv_width + m.context_width,
-                         m.active_experts * (m.fc1_width + m.ffn_hidden_size))
-            layer_live = tokens * (3 * m.hidden_size + _ceil_div(widest, t)) if num_layers else 0
-            activations = max(layer_live, logits) * dtype
+        t, w = self.tensor_split, self.workload
+        m = (split_layout(self.model, t) or (1, t))[0]
+        strategy = "redistribute"
+        if m > 1:
+            n, b, s = t // m, w.micro_batch_size, w.seq_length
+            shape = SliceGroupShape(m, b, s, s, self.model.num_attention_heads // n,
+                                    self.model.query_groups // n, self.model.head_dim // m,
+                                    w.dtype_bytes)
+            strategy = choose_strategy("auto", shape, backward=True, causal=True)
+        return ParallelLayout(tp=t, pp=self.num_stages, helix_m=m, sequence_parallel=t > 1,
+                              score_strategy=strategy)
+
+    def parameters(self, index: int, num_layers: int) -> int:
+        """Parameters one device of the stage holds: its layers, the output layer (with the
+        final norm) on the last stage, the embedding on the first unless tied to an output
+        layer on the same stage. A cache budget leaves the embedding to ``weight_bytes``."""
+        m, t = self.model, self.tensor_split
+        params = num_layers * m.layer_params(t)
+        if index == self.num_stages - 1:
+            params += m.output_params(t)
+        if self._holds_embedding(index) and self.budget.kind == "memory":
+            params += m.embedding_params(t)
+        return params
+
+    def _holds_embedding(self, index: int) -> bool:
+        last = index == self.num_stages - 1
+        return (index == 0 and bool(self.model.vocab_size)
+                and (self.model.untie_embeddings_and_output_weights or not last))
+
+    def weight_bytes(self, index: int, num_layers: int) -> int:
+        """The parameters' bytes, plus under a cache budget the embedding rows one step reads
+        (``min(T, V' / t)`` rows of ``D``)."""
+        m, w, t = self.model, self.workload, self.tensor_split
+        rows = 0
+        if self._holds_embedding(index) and self.budget.kind == "cache":
+            rows = min(w.tokens, m.padded_vocab(t) // t) * m.hidden_size
+        return (self.parameters(index, num_layers) + rows) * w.dtype_bytes
+
+    def working_set(self, index: int, num_layers: int) -> StageWorkingSet:
+        """Weights, state (KV cache decoding; gradients and optimizer state training) and
+        activations (live in inference; saved for backward in training, ``num_stages - index``
+        micro-batches in flight under 1F1B) of one device of the stage."""
+        # perf.memory imports this package (for ModelShape): import it when first used.
+        from megatron_helix.perf import memory
+
+        m, w, layout = self.model, self.workload, self.layout
+        last, e = index == self.num_stages - 1, w.dtype_bytes
+        weights = self.weight_bytes(index, num_layers)
         if w.mode == "training":
-            state = params * w.training_state_bytes_per_param
-            saved_width = (4 * m.hidden_size + m.qkv_width + m.context_width
-                           + m.active_experts * (m.fc1_width + m.ffn_hidden_size))
-            saved_layer = _ceil_div(
-                tokens * (saved_width * dtype + 4 * m.num_attention_heads), t
-            )
-            in_flight = self.num_stages - index  # 1F1B: stage i holds p - i micro-batches
-            activations = in_flight * (num_layers * saved_layer + logits * 4)  # fp32 logits
-        return StageWorkingSet(weights, state, activations)
+            state = self.parameters(index, num_layers) * w.training_state_bytes_per_param
+            activations = memory.stage_activation_bytes(
+                m, layout, index, w.micro_batch_size, w.seq_length, self.num_stages, e,
+                layers=num_layers)
+            return StageWorkingSet(weights, state, activations)
+        if w.mode == "weights":
+            return StageWorkingSet(weights, 0, 0)
+        cache = 0
+        if w.mode == "decode":
+            cache = memory.kv_cache_bytes(m, layout, w.micro_batch_size, w.seq_length, e,
+                                          layers=num_layers)
+        live = memory.live_activation_bytes(m, layout, w.tokens, e, num_layers, last)
+        return StageWorkingSet(weights, cache, live)
 
     def flops(self, index: int, num_layers: int) -> int:
         """Forward FLOPs (x3 for training) of one micro-batch step on one device of the stage."""
@@ -77,9 +116,9 @@ class _StageModel:
             "training": 2 * b * s * (s + 1) * heads_dims,
         }[w.mode]
         layer = 2 * w.tokens * m.matmul_params_per_token() + attention
-        total = num_layers * _ceil_div(layer, t)
+        total = num_layers * ceil_div(layer, t)
         if index == self.num_stages - 1 and m.vocab_size:
-            total += _ceil_div(2 * w.tokens * m.padded_vocab(t) * m.hidden_size, t)
+            total += ceil_div(2 * w.tokens * m.padded_vocab(t) * m.hidden_size, t)
         return total * (3 if w.mode == "training" else 1)
 
     def cost(self, index: int, num_layers: int) -> int:

@@ -2,7 +2,10 @@
 
 By formula for any model size and layout, and by measurement on a small CPU run (the tensors
 themselves; activations through ``torch.autograd.graph.saved_tensors_hooks``) so the formulas
-are checked against what Megatron and the plugin actually keep.
+are checked against what Megatron and the plugin actually keep. This is the project's one
+activation-memory model: ``megatron-helix plan`` (``cost_model``) and the layer-wise planner
+(``layerwise.stage_model``, which sets ``--pipeline-model-parallel-layout``) both price
+activations and KV caches here; the planner passes its uneven layer counts as ``layers``.
 
 Training state per parameter (``Precision``): the parameter, Megatron DDP's gradient buffer
 (``main_grad``, fp32 with ``grad_reduce_in_fp32``) and Adam's state (two fp32 moments, plus an
@@ -34,6 +37,9 @@ are the full widths ``/ t``: ``q = H d / t``, ``kv = G d / t``):
 
 Small bookkeeping tensors (token ids, index lists, per-chunk masks of torch's CPU SDPA path)
 are left out: ``tests/test_memory.py`` bounds what they add.
+
+Inference keeps nothing for backward; ``live_activation_bytes`` bounds the tensors alive at
+once in a forward pass. Unlike the saved activations it is not checked against a measurement.
 """
 
 from __future__ import annotations
@@ -80,17 +86,16 @@ class Precision:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes one rank holds, by kind."""
+    """Bytes one rank holds in training, by kind."""
 
     parameters: int = 0
     gradients: int = 0
     optimizer: int = 0
     activations: int = 0
-    kv_cache: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.kv_cache
+        return self.parameters + self.gradients + self.optimizer + self.activations
 
 
 @dataclass(frozen=True)
@@ -166,19 +171,19 @@ def attention_activation_bytes(model: ModelShape, layout: ParallelLayout, micro_
     tokens = micro_batch * s
     q = tokens * model.context_width // t * e
     qkv = tokens * model.qkv_width // t * e
-    heads = model.num_attention_heads // t
+    lse = tokens * model.num_attention_heads // t * FP32  # fp32, one per head and token
     rotated_k = tokens * model.query_groups * model.head_dim // t * e
     extra = rotated_k if kernels.unfused_rope and _rotated_key_kept(model, layout, kind) else 0
     if kind == "unfused":
-        softmax = micro_batch * heads * s * s * e
+        softmax = micro_batch * model.num_attention_heads // t * s * s * e
         expanded = model.query_groups < model.num_attention_heads
         return (3 * q if expanded else q + qkv) + softmax + q + extra
     if kind == "flash":
-        return q + qkv + q + tokens * heads * FP32 + extra
+        return q + qkv + q + lse + extra
     if kind == "score_allreduce":
         return q + qkv + q + tokens * (model.num_attention_heads // n) * FP32 + extra
     kv_gathered = 2 * tokens * model.query_groups * model.head_dim // n * e
-    return q + kv_gathered + 2 * q + tokens * heads * FP32
+    return q + kv_gathered + 2 * q + lse
 
 
 def layer_activation_bytes(model: ModelShape, layout: ParallelLayout, micro_batch: int,
@@ -212,10 +217,11 @@ def in_flight_micro_batches(layout: ParallelLayout, stage: int, num_micro_batche
 
 def stage_activation_bytes(model: ModelShape, layout: ParallelLayout, stage: int,
                            micro_batch: int, seq_length: int, num_micro_batches: int, e: int,
-                           kernels: Kernels = Kernels()) -> int:
+                           kernels: Kernels = Kernels(), layers: Optional[int] = None) -> int:
     """Peak saved activations of one rank of ``stage``; unfused attention adds the one
-    ``s x s`` bool mask its layers share."""
-    layers = stage_layers(model, layout, stage)
+    ``s x s`` bool mask its layers share. ``layers``: decoder layers on the stage, by default
+    Megatron's even split (the layer-wise planner passes its uneven cuts)."""
+    layers = stage_layers(model, layout, stage) if layers is None else layers
     per_micro = layers * layer_activation_bytes(model, layout, micro_batch, seq_length, e, kernels)
     if stage == layout.pp - 1:
         per_micro += output_activation_bytes(model, layout, micro_batch, seq_length, e)
@@ -225,13 +231,29 @@ def stage_activation_bytes(model: ModelShape, layout: ParallelLayout, stage: int
 
 
 def kv_cache_bytes(model: ModelShape, layout: ParallelLayout, batch: int, seq_length: int,
-                   e: int, stage: int = 0) -> int:
+                   e: int, stage: int = 0, layers: Optional[int] = None) -> int:
     """Inference KV cache of one rank: its layers x k and v of its KV heads x its dims x its
     tokens. Helix rank ``(g, j)`` caches KV groups of head group ``g`` restricted to slice
     ``j``: ``G/n`` heads of ``d/m`` dims, ``G d / t`` per token like TP, but for any ``t`` up to
-    ``G m``, not only ``t <= G``."""
+    ``G m``, not only ``t <= G``. ``layers`` as in ``stage_activation_bytes``."""
+    layers = stage_layers(model, layout, stage) if layers is None else layers
     per_token = 2 * model.query_groups * model.head_dim // layout.tp
-    return stage_layers(model, layout, stage) * batch * (seq_length // layout.cp) * per_token * e
+    return layers * batch * (seq_length // layout.cp) * per_token * e
+
+
+def live_activation_bytes(model: ModelShape, layout: ParallelLayout, tokens: int, e: int,
+                          layers: int, last: bool) -> int:
+    """Peak live activations of one rank in inference, where nothing is saved for backward:
+    one layer's input, norm output and residual (``3 T D``, whole on every rank) beside its
+    widest split intermediate, ``T max((H + 2G) d + H d, k (F1 + F)) / t``; or, on the last
+    stage, the logits ``T V' / t`` if larger. ``T = tokens`` of one step (``b`` decoding,
+    ``b s`` in a forward pass). A bound by formula, not checked against a measurement."""
+    t = layout.tp
+    widest = max(model.qkv_width + model.context_width,
+                 model.active_experts * (model.fc1_width + model.ffn_hidden_size))
+    layer = tokens * (3 * model.hidden_size + (widest + t - 1) // t) if layers else 0
+    logits = tokens * (model.padded_vocab(t) // t) if last else 0
+    return max(layer, logits) * e
 
 
 def training_memory(model: ModelShape, layout: ParallelLayout, micro_batch: int,
@@ -254,19 +276,6 @@ def training_memory(model: ModelShape, layout: ParallelLayout, micro_batch: int,
         optimizer=params * precision.optimizer_bytes // shards,
         activations=stage_activation_bytes(model, layout, stage, micro_batch, seq_length,
                                            num_micro_batches, precision.activation_bytes, kernels),
-    )
-
-
-def inference_memory(model: ModelShape, layout: ParallelLayout, batch: int, seq_length: int,
-                     precision: Precision) -> MemoryBreakdown:
-    """Serving memory of the busiest stage: weights and the KV cache of ``seq_length`` tokens."""
-    return max(
-        (MemoryBreakdown(
-            parameters=stage_parameters(model, layout, s) * precision.param_bytes,
-            kv_cache=kv_cache_bytes(model, layout, batch, seq_length,
-                                    precision.activation_bytes, s),
-        ) for s in range(layout.pp)),
-        key=lambda breakdown: breakdown.total,
     )
 
 

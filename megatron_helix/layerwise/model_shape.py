@@ -1,25 +1,8 @@
-"""The per-layer working-set model: a decoder stack's shape, what a stage runs, its formulas.
+"""The shape of a GPT decoder stack and its parameter counts per rank.
 
-Working-set formulas (bytes per device; ``t`` = tensor split, ``T`` = tokens per step, ``b``
-micro-batch, ``s`` sequence length, ``D`` hidden, ``H`` heads, ``G`` KV groups, ``d`` head dim,
-``F`` MLP width, ``F1 = 2F`` with a gated linear unit else ``F``, ``E`` experts, ``k`` top-k):
-
-- weights of one decoder layer: ``[(H + 2G) d D + H d D + E (F1 + F) D] / t`` plus column biases
-  ``/ t``, plus what every rank replicates: two norms, the row-parallel biases, the MoE router.
-- ``weights`` mode: weights only (what the seed's "a layer fits L2" claim is about).
-- ``decode``: weights + KV cache ``2 b s G d / t`` per layer + the live activations of one layer
-  at ``T = b``: ``T (3D + max((H + 2G) d + H d, k (F1 + F)) / t)``.
-- ``forward``: weights + live activations of one layer at ``T = b s`` (no cache kept).
-- ``training``: weights + ``training_state_bytes_per_param`` per parameter (fp32 main grad, fp32
-  master weight, Adam moments: 16 by default) + saved activations
-  ``T [(4D + (H + 2G) d + H d + k (F1 + F)) bytes + 4H] / t`` per layer (flash attention, no
-  dropout masks, sequence parallel when ``t > 1``) times the micro-batches in flight under
-  1F1B, ``num_stages - stage_index``.
-- The first stage also holds the embedding (a cache budget counts only the ``T`` rows a step
-  reads; a memory budget the whole table), the last stage the final norm and output layer
-  (and its logits). Vocabularies are padded as Megatron pads them.
-
-``stage_model._StageModel`` evaluates them for one stage.
+``ModelShape`` speaks Megatron's argument names. Every memory model prices a stack through it:
+``perf.memory`` (parameters, activations, KV cache per rank of a layout) and the layer-wise
+planner (``stage_model``, which cuts the stack into stages).
 """
 
 from __future__ import annotations
@@ -27,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-MODES = ("weights", "decode", "forward", "training")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
-def _ceil_div(numerator: int, denominator: int) -> int:
+def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
@@ -134,12 +116,12 @@ class ModelShape:
         else:
             split += mlp + (F1 if bias else 0)  # fc1 column-parallel
             replicated += D if bias else 0  # fc2 row-parallel bias
-        return _ceil_div(split, tensor_split) + replicated
+        return ceil_div(split, tensor_split) + replicated
 
     def padded_vocab(self, tensor_split: int = 1) -> int:
         """Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * t``."""
         multiple = self.make_vocab_size_divisible_by * tensor_split
-        return _ceil_div(self.vocab_size or 0, multiple) * multiple
+        return ceil_div(self.vocab_size or 0, multiple) * multiple
 
     def embedding_params(self, tensor_split: int = 1) -> int:
         return self.padded_vocab(tensor_split) * self.hidden_size // tensor_split
@@ -154,60 +136,3 @@ class ModelShape:
         router = D * self.num_experts if self.num_experts else 0
         mlp = self.active_experts * (self.fc1_width + self.ffn_hidden_size) * D
         return (self.qkv_width + self.context_width) * D + mlp + router
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What a stage runs, which decides what its working set holds (see the module docstring).
-
-    ``mode``: ``"weights"`` (weights only), ``"decode"`` (one token per sequence against a KV
-    cache of ``seq_length``), ``"forward"`` (inference over ``micro_batch_size x seq_length``
-    tokens), ``"training"`` (1F1B forward + backward). ``dtype_bytes``: 2 for fp16/bf16.
-    """
-
-    mode: str
-    micro_batch_size: int
-    seq_length: int
-    dtype_bytes: int = 2
-    training_state_bytes_per_param: int = 16
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("micro_batch_size", "seq_length", "dtype_bytes")
-            if getattr(self, name) < 1
-        ]
-        if self.training_state_bytes_per_param < 0:
-            problems.append("training_state_bytes_per_param must be >= 0")
-        if self.mode not in MODES:
-            problems.append(f"mode {self.mode!r} is not one of {MODES}")
-        if problems:
-            raise ValueError("invalid workload:\n  - " + "\n  - ".join(problems))
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per step: one per sequence when decoding (or streaming weights), else ``b s``."""
-        if self.mode in ("weights", "decode"):
-            return self.micro_batch_size
-        return self.micro_batch_size * self.seq_length
-
-    @property
-    def default_cost(self) -> str:
-        """Decode steps are bandwidth-bound (bytes); prefill and training are compute-bound."""
-        return "bytes" if self.mode in ("weights", "decode") else "flops"
-
-
-@dataclass(frozen=True)
-class StageWorkingSet:
-    """Bytes one device of a stage needs.
-
-    ``state_bytes`` is the KV cache (decode) or gradients + optimizer state (training).
-    """
-
-    weight_bytes: int
-    state_bytes: int
-    activation_bytes: int
-
-    @property
-    def total(self) -> int:
-        return self.weight_bytes + self.state_bytes + self.activation_bytes
