@@ -14,7 +14,7 @@ from megatron_helix.layerwise import (
     StageWorkingSet,
     Workload,
     evaluate_layout,
-    even_split,
+    even_cut,
     main,
     parse_budget,
     plan_for_world,
@@ -135,7 +135,7 @@ def test_training_working_set_is_perf_memorys_model(split, seq, layout, untied):
     model = ModelShape(8, 256, 8, 1024, num_query_groups=2, vocab_size=3000,
                        untie_embeddings_and_output_weights=untied)
     workload = Workload("training", micro_batch_size=2, seq_length=seq)
-    plan = even_split(model, workload, 4, HUGE, tensor_split=split)
+    plan = evaluate_layout(model, workload, even_cut(8, 4), HUGE, tensor_split=split)
     priced = ParallelLayout(pp=4, **layout)
     for stage in plan.stages:
         expected = training_memory(model, priced, 2, seq, 4, Precision.for_dtype("bf16"),
@@ -203,7 +203,7 @@ def test_plans_are_valid_and_never_worse_than_the_even_split(name, workload):
         assert_valid_cut(plan)
         assert plan.num_stages == stages
         if model.num_layers % stages == 0:
-            even = even_split(model, workload, stages, HUGE)
+            even = evaluate_layout(model, workload, even_cut(model.num_layers, stages), HUGE)
             assert plan.max_cost <= even.max_cost
             tight = Budget("even", even.max_bytes, "memory")
             assert plan_layerwise(model, workload, stages, tight).max_cost <= even.max_cost
@@ -213,7 +213,7 @@ def test_heavy_output_layer_gets_a_lighter_last_stage():
     model = ModelShape(16, 512, 8, 2048, vocab_size=128_000)
     workload = Workload("training", micro_batch_size=1, seq_length=512)
     plan = plan_layerwise(model, workload, 4, HUGE)
-    even = even_split(model, workload, 4, HUGE)
+    even = evaluate_layout(model, workload, even_cut(16, 4), HUGE)
     assert plan.layer_counts[-1] < plan.layer_counts[1]
     assert plan.max_cost < even.max_cost
     assert plan.pipeline_layout.endswith("L") and plan.pipeline_layout.startswith("E")
@@ -223,12 +223,13 @@ def test_memory_budget_forces_uneven_training_stages():
     """1F1B keeps p - i micro-batches of activations on stage i: the first stage fills first."""
     model = ModelShape(8, 256, 4, 1024)
     workload = Workload("training", micro_batch_size=4, seq_length=256)
-    even = even_split(model, workload, 4, HUGE)
+    even = evaluate_layout(model, workload, even_cut(8, 4), HUGE)
     assert even.stages[0].working_set.total > even.stages[-1].working_set.total
     budget = Budget("tight", even.stages[0].working_set.total - 1, "memory")
     plan = plan_layerwise(model, workload, 4, budget)
     assert_valid_cut(plan)
-    assert plan.layer_counts[0] < 2 and not even_split(model, workload, 4, budget).fits
+    assert plan.layer_counts[0] < 2
+    assert not evaluate_layout(model, workload, even_cut(8, 4), budget).fits
 
 
 # ---------------------------------------------------------------------------- refusals

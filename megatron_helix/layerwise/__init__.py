@@ -21,7 +21,7 @@ Modules:
   model, which ``megatron-helix plan`` uses as well.
 - ``plan``: ``StagePlan`` and its Megatron layout string / kwargs / flags, ``split_layout``,
   ``LayerwisePlanError``.
-- ``partition``: ``plan_layerwise``, ``evaluate_layout``, ``even_split``, ``plan_for_world``,
+- ``partition``: ``plan_layerwise``, ``evaluate_layout``, ``even_cut``, ``plan_for_world``,
   ``plan_from_args``.
 - ``refusal``: the ``LayerwisePlanError`` that says why nothing fits.
 - ``report``: ``format_plan``.
@@ -40,7 +40,7 @@ from megatron_helix.layerwise.model_shape import NORMALIZATIONS, ModelShape
 from megatron_helix.layerwise.partition import (
     COST_METRICS,
     evaluate_layout,
-    even_split,
+    even_cut,
     plan_for_world,
     plan_from_args,
     plan_layerwise,
@@ -65,7 +65,7 @@ __all__ = [
     "StageWorkingSet",
     "Workload",
     "evaluate_layout",
-    "even_split",
+    "even_cut",
     "format_bytes",
     "format_plan",
     "main",

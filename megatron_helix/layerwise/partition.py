@@ -67,22 +67,15 @@ def evaluate_layout(
     return stage_model.plan(layer_counts)
 
 
-def even_split(
-    model: ModelShape,
-    workload: Workload,
-    num_stages: int,
-    budget: Union[Budget, str, int],
-    tensor_split: int = 1,
-    cost: Optional[str] = None,
-) -> StagePlan:
-    """Megatron's default: ``num_layers / num_stages`` layers per stage (must divide)."""
-    if model.num_layers % num_stages:
+def even_cut(num_layers: int, num_stages: int) -> List[int]:
+    """Megatron's default cut: ``num_layers / num_stages`` decoder layers per stage (must
+    divide); ``evaluate_layout`` says how it fares."""
+    if num_layers % num_stages:
         raise ValueError(
-            f"Megatron's even split needs num_layers {model.num_layers} divisible by "
+            f"Megatron's even split needs num_layers {num_layers} divisible by "
             f"{num_stages} stages"
         )
-    counts = [model.num_layers // num_stages] * num_stages
-    return evaluate_layout(model, workload, counts, budget, tensor_split, cost)
+    return [num_layers // num_stages] * num_stages
 
 
 def plan_for_world(

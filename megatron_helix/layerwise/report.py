@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from megatron_helix.layerwise.budgets import format_bytes
-from megatron_helix.layerwise.partition import even_split
+from megatron_helix.layerwise.partition import evaluate_layout, even_cut
 from megatron_helix.layerwise.plan import StagePlan
 
 
@@ -46,7 +46,8 @@ def format_plan(plan: StagePlan) -> str:
     lines.append(f"bottleneck: {_format_cost(plan, plan.max_cost)} per step; largest working set "
                  f"{format_bytes(plan.max_bytes)}; fits: {'yes' if plan.fits else 'NO'}")
     if m.num_layers % plan.num_stages == 0:
-        even = even_split(m, w, plan.num_stages, plan.budget, plan.tensor_split, plan.cost_metric)
+        even = evaluate_layout(m, w, even_cut(m.num_layers, plan.num_stages), plan.budget,
+                               plan.tensor_split, plan.cost_metric)
         lines.append(f"Megatron even split {even.layer_counts[0]} x {plan.num_stages}: bottleneck "
                      f"{_format_cost(even, even.max_cost)}, largest working set "
                      f"{format_bytes(even.max_bytes)}, fits: {'yes' if even.fits else 'NO'}")
