@@ -26,6 +26,7 @@ Modules:
 - ``refusal``: the ``LayerwisePlanError`` that says why nothing fits.
 - ``report``: ``format_plan``.
 - ``cli``: ``python -m megatron_helix.layerwise``.
+- ``problems``: argument checks that list every problem in one ``ValueError``.
 """
 
 from megatron_helix.layerwise.budgets import (

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_helix.layerwise.problems import below_one, raise_problems
+
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
@@ -43,15 +45,11 @@ class ModelShape:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in (
-                "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                "moe_router_topk", "make_vocab_size_divisible_by",
-                "num_query_groups", "kv_channels", "num_experts", "vocab_size",
-            )
-            if getattr(self, name) is not None and getattr(self, name) < 1
-        ]
+        problems = below_one(self, (
+            "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+            "moe_router_topk", "make_vocab_size_divisible_by",
+            "num_query_groups", "kv_channels", "num_experts", "vocab_size",
+        ))
         if not problems:
             if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
                 problems.append(
@@ -69,8 +67,7 @@ class ModelShape:
                 )
         if self.normalization not in NORMALIZATIONS:
             problems.append(f"normalization {self.normalization!r} is not one of {NORMALIZATIONS}")
-        if problems:
-            raise ValueError("invalid model shape:\n  - " + "\n  - ".join(problems))
+        raise_problems("model shape", problems)
 
     @property
     def query_groups(self) -> int:

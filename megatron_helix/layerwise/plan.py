@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 from megatron_helix.layerwise.budgets import Budget
 from megatron_helix.layerwise.model_shape import ModelShape
+from megatron_helix.layerwise.problems import raise_problems
 from megatron_helix.layerwise.workload import StageWorkingSet, Workload
 from megatron_helix.layout import layout_errors
 
@@ -81,8 +82,7 @@ class StagePlan:
             problems.append(
                 f"stages hold {expected_first} decoder layers, the model {self.model.num_layers}"
             )
-        if problems:
-            raise ValueError("invalid stage plan:\n  - " + "\n  - ".join(problems))
+        raise_problems("stage plan", problems)
 
     @property
     def num_stages(self) -> int:

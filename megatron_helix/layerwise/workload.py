@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_helix.layerwise.problems import below_one, raise_problems
+
 MODES = ("weights", "decode", "forward", "training")
 
 
@@ -32,17 +34,12 @@ class Workload:
     training_state_bytes_per_param: int = 16
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("micro_batch_size", "seq_length", "dtype_bytes")
-            if getattr(self, name) < 1
-        ]
+        problems = below_one(self, ("micro_batch_size", "seq_length", "dtype_bytes"))
         if self.training_state_bytes_per_param < 0:
             problems.append("training_state_bytes_per_param must be >= 0")
         if self.mode not in MODES:
             problems.append(f"mode {self.mode!r} is not one of {MODES}")
-        if problems:
-            raise ValueError("invalid workload:\n  - " + "\n  - ".join(problems))
+        raise_problems("workload", problems)
 
     @property
     def tokens(self) -> int:

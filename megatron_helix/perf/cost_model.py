@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from megatron_helix.layerwise import ModelShape
+from megatron_helix.layerwise.problems import below_one, raise_problems
 from megatron_helix.perf.calibration import Calibration
 from megatron_helix.perf.comm_formulas import (
     FP32_BYTES,
@@ -74,13 +75,10 @@ class Job:
     distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
-                    for name in ("seq_length", "micro_batch", "global_batch")
-                    if getattr(self, name) < 1]
+        problems = below_one(self, ("seq_length", "micro_batch", "global_batch"))
         if self.dtype not in DTYPE_BYTES:
             problems.append(f"dtype {self.dtype!r} not in {tuple(DTYPE_BYTES)}")
-        if problems:
-            raise ValueError("invalid job:\n  - " + "\n  - ".join(problems))
+        raise_problems("job", problems)
 
     @property
     def precision(self) -> Precision:
