@@ -22,6 +22,7 @@ from megatron_helix.layerwise import (
     plan_layerwise,
     split_layout,
 )
+from megatron_helix.perf.calibration import GPU_SPECS
 
 # Seed 003: 16 layers, hidden 4096, 32 heads of 128, MLP 16384, fp16, GPT-2 vocabulary.
 SEED = ModelShape(num_layers=16, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384)
@@ -52,7 +53,7 @@ def assert_valid_cut(plan: StagePlan) -> None:
 @pytest.mark.parametrize("text, expected", [
     ("50MB", 50_000_000), ("50MiB", 52_428_800), ("80GB", 80_000_000_000),
     ("1.5GiB", 1_610_612_736), ("52428800", 52_428_800), (" 64 kib ", 65_536), ("7B", 7),
-    ("h100", 52_428_800), ("H200", 52_428_800), ("h100-l2-persisting", 39_321_600),
+    ("h100", 52_428_800), ("H200", 62_914_560), ("h100-l2-persisting", 39_321_600),
     ("h100-smem", 132 * 233_472), (123, 123),
 ])
 def test_budget_parser(text, expected):
@@ -63,6 +64,9 @@ def test_budget_parser_kinds_and_errors():
     assert parse_budget("h100-hbm").kind == "memory" and parse_budget("h100").kind == "cache"
     assert parse_budget("80GB", kind="memory").kind == "memory"
     assert NAMED_BUDGETS["h200-hbm"].bytes > NAMED_BUDGETS["h100-hbm"].bytes
+    # HBM is the datasheets' figure the cost model's GPU specs use, not a second copy.
+    assert NAMED_BUDGETS["h100-hbm"].bytes == GPU_SPECS["h100"]["memory_bytes"] == 80 * 10**9
+    assert NAMED_BUDGETS["h200-hbm"].bytes == GPU_SPECS["h200"]["memory_bytes"]
     for bad in ("50 parsecs", "", "MB", "-5MB", "0.5B", "0"):
         with pytest.raises(ValueError, match="budget"):
             parse_budget(bad)

@@ -1,4 +1,8 @@
-"""Per-device budgets: named H100 / H200 caches and memories, and sizes with units."""
+"""Per-device budgets: named H100 / H200 caches and memories, and sizes with units.
+
+The named figures are datasheet figures, others' recorded readings or projections, each with
+its source beside it; no GPU has run this code.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Dict, Union
+
+from megatron_helix.perf.calibration import GPU_SPECS
 
 BUDGET_KINDS = ("cache", "memory")
 
@@ -32,25 +38,31 @@ class Budget:
         return f"{self.name} = {self.bytes:,} B ({_format_binary(self.bytes)}, {self.kind})"
 
 
-_H100_SMS = 132  # H100 SXM and H200 SXM both enable 132 SMs.
-_SMEM_PER_SM = 233_472  # 228 KiB (cudaDevAttrMaxSharedMemoryPerMultiprocessor on GH100)
-_L2 = 52_428_800  # 50 MiB (cudaDevAttrL2CacheSize on H100 80GB HBM3 and H200)
-_L2_PERSISTING = 39_321_600  # 37.5 MiB (cudaDevAttrMaxPersistingL2CacheSize reported for H100)
+# No GPU has run this code: every device figure below is a datasheet figure or someone else's
+# recorded reading, with its source, or a projection from those; none was read here.
+_H100_L2 = 52_428_800  # datasheet: NVIDIA's H100 SXM L2, "50 MB", taken as 50 MiB
+# persistingL2CacheMaxSize in a cudaGetDeviceProperties dump of an H100 80GB HBM3 that others
+# published; l2_residency reads the device's own limit at run time.
+_H100_L2_PERSISTING = 39_321_600  # 37.5 MiB
+# A recorded PyTorch reading of an H200: L2_cache_size=60MB, which torch prints as
+# l2CacheSize // 2**20, so at least 60 MiB (NVIDIA gives the full GH100 chip 60 MB of L2).
+_H200_L2 = 62_914_560
+_SMS = 132  # datasheet: H100 SXM5's 132 SMs (NVIDIA H100 Tensor Core GPU Architecture)
+_SMEM_PER_SM = 233_472  # datasheet: 228 KiB shared memory per SM (NVIDIA Hopper Tuning Guide)
 
 NAMED_BUDGETS: Dict[str, Budget] = {
     budget.name: budget
     for budget in (
-        Budget("h100", _L2, "cache"),
-        Budget("h100-l2", _L2, "cache"),
-        Budget("h100-l2-persisting", _L2_PERSISTING, "cache"),
-        Budget("h100-smem", _H100_SMS * _SMEM_PER_SM, "cache"),
-        Budget("h100-hbm", 85_176_483_840, "memory"),  # totalGlobalMem of an H100 80GB HBM3
-        Budget("h200", _L2, "cache"),
-        Budget("h200-l2", _L2, "cache"),
-        # Same GH100 L2 as the H100; query cudaDevAttrMaxPersistingL2CacheSize to confirm.
-        Budget("h200-l2-persisting", _L2_PERSISTING, "cache"),
-        Budget("h200-smem", _H100_SMS * _SMEM_PER_SM, "cache"),
-        Budget("h200-hbm", 141_000_000_000, "memory"),  # the product's nominal 141 GB
+        Budget("h100", _H100_L2, "cache"),
+        Budget("h100-l2", _H100_L2, "cache"),
+        Budget("h100-l2-persisting", _H100_L2_PERSISTING, "cache"),
+        Budget("h100-smem", _SMS * _SMEM_PER_SM, "cache"),
+        Budget("h100-hbm", GPU_SPECS["h100"]["memory_bytes"], "memory"),  # datasheet: 80 GB
+        Budget("h200", _H200_L2, "cache"),
+        Budget("h200-l2", _H200_L2, "cache"),
+        # Projection: the H100 SXM's SMs and shared memory (the H200 is the same GH100 chip).
+        Budget("h200-smem", _SMS * _SMEM_PER_SM, "cache"),
+        Budget("h200-hbm", GPU_SPECS["h200"]["memory_bytes"], "memory"),  # datasheet: 141 GB
     )
 }
 
@@ -65,9 +77,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 def parse_budget(value: Union[str, int, Budget], kind: str = "cache") -> Budget:
     """A ``Budget`` from a device name, a size with units, or a byte count.
 
-    ``"h100"`` / ``"h200"`` are the 50 MiB L2; also ``-l2``, ``-l2-persisting``, ``-smem``, ``-hbm``
-    (see ``NAMED_BUDGETS``). Sizes: ``"50MB"`` = 50 * 10^6, ``"50MiB"`` = 50 * 2^20, ``"80GB"``,
-    ``"1.5GiB"``, ``"52428800"``. ``kind`` applies to sizes; named budgets know their kind.
+    ``"h100"`` / ``"h200"`` are the L2 (50 MiB and 60 MiB); also ``-l2``, ``-smem``, ``-hbm`` and
+    ``h100-l2-persisting`` (``NAMED_BUDGETS`` gives each figure's source). Sizes: ``"50MB"`` =
+    50 * 10^6, ``"50MiB"`` = 50 * 2^20, ``"80GB"``, ``"1.5GiB"``, ``"52428800"``. ``kind``
+    applies to sizes; named budgets know their kind.
     """
     if isinstance(value, Budget):
         return value
