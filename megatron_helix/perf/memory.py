@@ -45,13 +45,14 @@ once in a forward pass. Unlike the saved activations it is not checked against a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Tuple
 
 from megatron_helix.layerwise import ModelShape
 from megatron_helix.perf.calibration import ATTENTION_KERNELS
 from megatron_helix.perf.layouts import ParallelLayout
+
+if TYPE_CHECKING:
+    import torch
 
 FP32 = 4
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -301,6 +302,8 @@ def measure_saved_activations(run: Callable[[], object],
     """Bytes of the distinct storages autograd saves for backward while ``run()`` executes
     (a view counts its whole storage once), excluding the storages of ``exclude`` (the
     parameters: saved weights are not activations). Returns ``(bytes, run's result)``."""
+    import torch  # measurement only: the formulas serve the planners without loading torch
+
     excluded = {_storage_key(t)[0] for t in exclude}
     saved: Dict[int, int] = {}
 
@@ -319,6 +322,8 @@ def measure_training_state(model: torch.nn.Module, optimizer) -> MemoryBreakdown
     """Parameters, gradient buffers (Megatron DDP's ``main_grad`` storages, else ``.grad``) and
     optimizer state (Adam moments and any master copies; 0-dim step counters left out) of one
     rank, from the tensors themselves. Call after one optimizer step (Adam state is lazy)."""
+    import torch  # measurement only, as in measure_saved_activations
+
     params = [p for p in model.parameters()]
     param_storages = {_storage_key(p)[0] for p in params}
     grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None
