@@ -3,39 +3,55 @@
 A ring step attends local queries to one visiting key/value block. To combine blocks exactly
 the kernel must return, besides the output, the log-sum-exp of each query row's scaled scores,
 ``lse = log(sum_j exp(scale * q . k_j))``; the backward of a block then needs that row's *global*
-output and LSE, never a per-block softmax. Two kernels provide that pair:
+output and LSE, never a per-block softmax. These kernels provide that pair:
 
 * ``torch`` (``block_kernel_torch.py``): PyTorch's flash SDPA aten ops, CPU and CUDA, always
   there;
 * ``flash_attn`` (``block_kernel_flash_attn.py``): flash-attn >= 2.7 on CUDA, when installed;
+* ``cudnn`` (``block_kernel_cudnn.py``): PyTorch's cuDNN attention aten ops on CUDA (sm80+,
+  cuDNN >= 9), always installed with a CUDA torch; not yet run on a GPU in this repository;
 * ``math`` (``block_kernel_math.py``): explicit fp32 scores, any device; the one with attention
   dropout (a ``keep`` mask from ``dropout_mask``), which a block with dropout always runs.
 
-``kernel="auto"`` takes ``flash_attn`` where it can run the block and ``torch`` otherwise; naming
-a kernel that cannot run the block is an error that says why.
+``kernel="auto"`` walks ``AUTO_ORDER`` for q's device (a CUDA compute capability, or ``None`` for
+the default) and takes the first kernel that can run the block; ``torch`` ends every order. The
+order is data, not a measured ranking: it stays ``flash_attn``, ``torch`` until a GPU run of
+``benchmarks/ring_efficiency.py --kernel ...`` shows another kernel faster on some device, which
+then gets its own entry. Naming a kernel that cannot run the block is an error that says why.
 
 Layout: Megatron's ``[s, b, heads, d]`` throughout, ``lse`` as ``[s, b, heads]`` fp32. GQA:
 ``k``/``v`` arrive un-expanded (``g`` groups, query head ``i`` uses group ``i // (heads // g)``,
 Megatron's ``repeat_interleave`` order) and their gradients leave reduced to ``g`` groups.
 Causal means the diagonal block: ``sq == sk`` and query ``i`` sees keys ``0..i``.
 
-The flash kernels run no dropout (the CPU op refuses it, and the CUDA backward would need the
-forward's RNG state carried alongside the LSE) and no fp32 on CUDA (fp16/bf16 only).
+The flash and cuDNN kernels run no dropout (the CPU op refuses it, and the CUDA backward would
+need the forward's RNG state carried alongside the LSE) and no fp32 on CUDA (fp16/bf16 only).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_helix.attention import block_kernel_flash_attn, block_kernel_math, block_kernel_torch
+from megatron_helix.attention import (
+    block_kernel_cudnn,
+    block_kernel_flash_attn,
+    block_kernel_math,
+    block_kernel_torch,
+)
 
 KERNELS = {"torch": block_kernel_torch, "flash_attn": block_kernel_flash_attn,
-           "math": block_kernel_math}
+           "cudnn": block_kernel_cudnn, "math": block_kernel_math}
 KERNEL_CHOICES = ("auto", *KERNELS)
+
+# ``auto``'s preference per CUDA compute capability ((major, minor); ``None``: any other device).
+# Only a recorded GPU measurement may put a kernel ahead of another here; none exists for cudnn.
+AUTO_ORDER: Dict[Optional[Tuple[int, int]], Tuple[str, ...]] = {
+    None: ("flash_attn", "torch"),
+}
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -70,15 +86,31 @@ def check_kernel_name(kernel: str) -> None:
         raise ValueError(f"unknown block kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
 
 
+def _unsupported_reason(kernel: str, q: Tensor) -> str:
+    """Why ``kernel`` cannot run blocks like q; ``""`` for the kernels that run anywhere."""
+    reason = getattr(KERNELS[kernel], "unsupported_reason", None)
+    return reason(q) if reason is not None else ""
+
+
+def auto_order(q: Tensor) -> Tuple[str, ...]:
+    """``AUTO_ORDER``'s entry for q's device, the default one where it has none."""
+    capability = None
+    if q.is_cuda and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(q.device)
+    order = AUTO_ORDER.get(capability, AUTO_ORDER[None])
+    return order if order[-1] == "torch" else (*order, "torch")
+
+
 def select_kernel(q: Tensor, kernel: str = "auto") -> str:
     """The kernel that runs blocks like q ``[s, b, h, d]``: ``kernel`` itself, checked, or for
-    ``"auto"`` ``flash_attn`` where it can and ``torch`` otherwise."""
+    ``"auto"`` the first of ``auto_order(q)`` that can run them."""
     check_kernel_name(kernel)
-    why = block_kernel_flash_attn.unsupported_reason(q) if kernel != "torch" else ""
     if kernel == "auto":
-        kernel = "torch" if why else "flash_attn"
-    elif kernel == "flash_attn" and why:
-        raise ValueError(f"block kernel 'flash_attn' cannot run here: {why}")
+        kernel = next(name for name in auto_order(q) if not _unsupported_reason(name, q))
+    else:
+        why = _unsupported_reason(kernel, q)
+        if why:
+            raise ValueError(f"block kernel {kernel!r} cannot run here: {why}")
     if kernel == "torch" and q.is_cuda and q.dtype not in block_kernel_torch.CUDA_DTYPES:
         raise TypeError(
             f"flash attention on CUDA takes fp16 or bf16, not {q.dtype}; run fp32 on CPU"
