@@ -4,13 +4,16 @@
     megatron-helix plan --num-layers 32 --hidden-size 4096 --num-attention-heads 32 \\
         --seq-length 8192 --global-batch-size 512 --gpus 64 --chart plan.png
     megatron-helix bench --validate --json bench.json
+    megatron-helix bench --device cuda --json calib.json
+    megatron-helix plan --preset dense-4l-h4096 --calibration calib.json
 
 ``plan`` lists every legal layout (TP x PP x DP x CP, helix m x n with each score strategy,
 ring, layer-wise) with predicted training tokens/s, TPOT (the seeds' per-token share of a
 forward pass, and decode latency per token), memory per GPU and whether it fits, best first.
 GPU rates are datasheet-derived assumptions unless ``--calibration`` gives a measured file.
 ``bench`` measures this machine (compute rates, gloo links) and, with ``--validate``, runs the
-4-rank CPU validation of the cost model.
+4-rank CPU validation of the cost model; ``bench --device cuda`` measures one GPU's compute
+(links stay assumed) into a calibration ``plan --calibration`` takes.
 """
 
 from __future__ import annotations
@@ -77,8 +80,12 @@ def _plan(args: argparse.Namespace) -> int:
     )
 
     job = _job(args)
-    calibration = (Calibration.load(args.calibration) if args.calibration
-                   else gpu_calibration(args.gpu, job.dtype))
+    if args.calibration:
+        calibration = Calibration.load(args.calibration)
+        print(f"calibration: {args.calibration} ({calibration.name})")
+    else:
+        calibration = gpu_calibration(args.gpu, job.dtype)
+        print(f"calibration: assumed rates of --gpu {args.gpu} (no --calibration file)")
     cluster = Cluster(args.gpus, args.gpus_per_node, calibration)
     predictions = plan(job, cluster)
     if not predictions:
@@ -113,8 +120,9 @@ def _plan(args: argparse.Namespace) -> int:
               f"{p.memory.total / 1e9:.1f} GB/GPU{'' if p.fits else ' (does NOT fit)'}")
     print(f"\nlayer-wise cache planner: {layerwise_cache_verdict(m, args.gpus)}")
     if args.chart:
-        plot(predictions, args.chart, f"{args.preset or 'workload'} on {args.gpus} x "
-             f"{args.gpu.upper()}", highlight=list(references.values()))
+        gpu = calibration.name if args.calibration else args.gpu.upper()
+        plot(predictions, args.chart, f"{args.preset or 'workload'} on {args.gpus} x {gpu}",
+             highlight=list(references.values()))
         print(f"chart: {args.chart}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -132,12 +140,20 @@ def _prediction_json(p) -> dict:
 def _bench(args: argparse.Namespace) -> int:
     from megatron_helix.perf import bench
 
+    if args.validate and (args.device != "cpu" or args.quick):
+        raise SystemExit("--validate runs the CPU validation: it needs --device cpu, no --quick")
     if args.calibration:
         calibration = Calibration.load(args.calibration)
         print(f"calibration loaded from {args.calibration}")
-    else:
+    elif args.device == "cpu" and not args.quick:
         print(f"calibrating this machine on {args.world_size} gloo ranks ...", flush=True)
         calibration = bench.calibrate(args.world_size)
+    else:
+        from megatron_helix.perf.device_calibration import measure_device
+
+        print(f"measuring {args.device}{' (quick)' if args.quick else ''} ...", flush=True)
+        calibration = measure_device(args.device, quick=args.quick)
+    print(f"source: {calibration.source}")
     print(f"{calibration.name}: parallel capacity {calibration.parallel_capacity:.2f}, "
           f"layer overhead {calibration.layer_overhead_s * 1e6:.0f} us/pass, element-wise "
           f"{calibration.elementwise_bytes_per_s / 1e9:.1f} GB/s")
@@ -204,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the 4-rank CPU validation (a few minutes)")
     bench.add_argument("--rounds", type=int, default=3, help="validation rounds (interleaved)")
     bench.add_argument("--world-size", type=int, default=4)
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (default: this machine, gloo links on --world-size ranks) or a "
+                            "torch device such as cuda / cuda:1: its compute, links assumed")
+    bench.add_argument("--quick", action="store_true",
+                       help="every part once on tiny shapes, no link measurement: a rehearsal "
+                            "of the code path, not a calibration")
     bench.add_argument("--calibration", help="reuse this calibration JSON instead of measuring")
     bench.add_argument("--json", help="write calibration (and validation) here")
     bench.set_defaults(func=_bench)

@@ -18,7 +18,8 @@ A ``Calibration`` is what the cost model needs to turn work into time:
 CPU entries are measured (``cpu_calibration``: kernels on one thread, as the trainer's ranks
 run; ``collective_bench``: collectives on real gloo ranks). GPU entries (``gpu_calibration``)
 are NOT measurements: datasheet peaks times achieved fractions and link rates this project
-assumes, stated below, for projections until a GPU run replaces them.
+assumes, stated below, for projections until a GPU run replaces them. ``device_calibration``
+measures one GPU's compute into tables; its links stay assumed (one GPU cannot measure them).
 """
 
 from __future__ import annotations
@@ -206,8 +207,11 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
+        """A calibration JSON, bare or as ``megatron-helix bench --json`` writes it (under
+        ``"calibration"``, beside the validation)."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(json.load(f))
+            data = json.load(f)
+        return cls.from_json(data.get("calibration", data))
 
 
 # ------------------------------------------------------------------------ GPU assumptions
