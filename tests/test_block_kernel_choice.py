@@ -25,7 +25,8 @@ from megatron_helix.attention.block_kernel import (
     block_attention_forward,
     select_kernel,
 )
-from megatron_helix.attention.ring_attention import ring_attention
+from megatron_helix.attention.ring_attention import backward_step, forward_step, ring_attention
+from megatron_helix.attention.zigzag import zigzag_block, zigzag_shard, zigzag_unshard
 from tests.reference_attention import (
     BF16_TOL,
     FP32_TOL,
@@ -254,6 +255,40 @@ def test_ring_attention_runs_cudnn_blocks(cudnn_on_cpu):
     torch.testing.assert_close((q.grad, k.grad, v.grad), ref_grads, **FP32_TOL)
 
 
+def _ring_on_one_device(q, k, v, dout, ring_size, kernel):
+    """Causal ring attention of ``ring_size`` zigzag ranks, every rank's steps run here in turn
+    (the shards' k/v read in place of the messages) -> out, dq, dk, dv, unsharded."""
+    def shards(x):
+        return [zigzag_shard(x, rank, ring_size) for rank in range(ring_size)]
+
+    kvs = [torch.stack(kv) for kv in zip(shards(k), shards(v))]
+    dkvs = [torch.zeros_like(kv, dtype=torch.float32) for kv in kvs]
+    outs, dqs = [], []
+    for rank, (q_, dout_) in enumerate(zip(shards(q), shards(dout))):
+        steps = [(kvs[source], dkvs[source], zigzag_block(rank, source, q_.shape[0], True))
+                 for source in ((rank - step) % ring_size for step in range(ring_size))]
+        out = lse = None
+        for kv, _, block in steps:
+            out, lse = forward_step(q_, kv, block, HEAD_DIM ** -0.5, out, lse, kernel)
+        outs.append(out.to(q.dtype))
+        dqs.append(torch.zeros_like(q_, dtype=torch.float32))
+        for kv, dkv, block in steps:
+            grads = backward_step(dout_, q_, kv, outs[-1], lse, block, HEAD_DIM ** -0.5, dqs[-1],
+                                  kernel)
+            for into, grad in zip(dkv, grads):
+                into[block.kv_rows].add_(grad)
+    return (zigzag_unshard(outs), zigzag_unshard(dqs), zigzag_unshard([d[0] for d in dkvs]),
+            zigzag_unshard([d[1] for d in dkvs]))
+
+
+def test_two_rank_ring_of_cudnn_blocks(cudnn_on_cpu):
+    q, k, v, dout = attention_inputs(16, 16, 4, 2)
+    got = _ring_on_one_device(q, k, v, dout, 2, "cudnn")
+    assert cudnn_on_cpu.calls.count("forward") == 4  # diagonal + one half block per rank
+    ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, True)
+    torch.testing.assert_close(got, (ref_out, *ref_grads), **FP32_TOL)
+
+
 def test_cudnn_names_what_it_cannot_run():
     q = torch.zeros(4, 1, 2, 8)
     assert "CUDA only, q is on cpu" in block_kernel_cudnn.unsupported_reason(q)
@@ -296,9 +331,11 @@ def test_cudnn_cuda_matches_fp32_attention(causal, heads, groups, sq, sk):
 def test_ring_attention_cudnn_cuda_matches_fp32_attention():
     q, k, v, dout = (x.cuda() for x in attention_inputs(64, 64, 8, 2, torch.bfloat16))
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    out = ring_attention(q, k, v, causal=True, kernel="cudnn")
+    out = ring_attention(q, k, v, causal=True, kernel="cudnn")  # a ring of one rank
     out.backward(dout)
     ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, True)
-    torch.testing.assert_close(out.detach().float(), ref_out, **BF16_TOL)
-    for got, want in zip((q.grad, k.grad, v.grad), ref_grads):
-        torch.testing.assert_close(got.float(), want, **BF16_TOL)
+    two_ranks = _ring_on_one_device(q.detach(), k.detach(), v.detach(), dout, 2, "cudnn")
+    for got, want in zip(((out.detach(), q.grad, k.grad, v.grad), two_ranks),
+                         ((ref_out, *ref_grads),) * 2):
+        for got_x, want_x in zip(got, want):
+            torch.testing.assert_close(got_x.float(), want_x, **BF16_TOL)
