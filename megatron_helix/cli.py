@@ -157,6 +157,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{calibration.name}: parallel capacity {calibration.parallel_capacity:.2f}, "
           f"layer overhead {calibration.layer_overhead_s * 1e6:.0f} us/pass, element-wise "
           f"{calibration.elementwise_bytes_per_s / 1e9:.1f} GB/s")
+    _print_compute(calibration)
     for group, ops in calibration.links.items():
         sync = ", ".join(f"{extra * 1e3:.2f} ms after {compute * 1e3:.1f} ms compute"
                          for compute, extra in next(iter(ops.values())).sync)
@@ -171,6 +172,18 @@ def _bench(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
         print(f"written: {args.json}")
     return 0
+
+
+def _print_compute(calibration: Calibration) -> None:
+    """The measured GEMM and attention tables in brief."""
+    if calibration.gemm_table:
+        rates = sorted(r.flops_per_s for r in calibration.gemm_table)
+        print(f"  GEMM ({calibration.dtype}, {len(rates)} shapes): {rates[0] / 1e12:.3g}-"
+              f"{rates[-1] / 1e12:.3g} TFLOP/s, median {rates[len(rates) // 2] / 1e12:.3g}")
+    for kernel, table in calibration.attention_tables.items():
+        largest = max(table, key=lambda r: r.shape[0] * r.shape[1] ** 2 * r.shape[2])
+        print(f"  attention {kernel} at {largest.shape}: forward {largest.forward / 1e12:.3g}, "
+              f"backward {largest.backward / 1e12:.3g} TFLOP/s")
 
 
 def _print_validation(rows) -> dict:
