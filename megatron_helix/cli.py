@@ -149,8 +149,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"calibrating this machine on {args.world_size} gloo ranks ...", flush=True)
         calibration = bench.calibrate(args.world_size)
     else:
+        import torch
+
         from megatron_helix.perf.device_calibration import measure_device
 
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device here")
         print(f"measuring {args.device}{' (quick)' if args.quick else ''} ...", flush=True)
         calibration = measure_device(args.device, quick=args.quick)
     print(f"source: {calibration.source}")
