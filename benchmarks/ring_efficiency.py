@@ -41,6 +41,7 @@ from megatron_helix.attention.zigzag import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MASKS = {"causal": (True,), "full": (False,), "both": (True, False)}  # --mask: causal flags
 
 
 def _ring_forward_all_ranks(shards, causal, scale, kernel):
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     douts = [zigzag_shard(dout, r, ring_size) for r in range(ring_size)]
     kernel = select_kernel(q, args.kernel)  # the same kernel on both sides
     rows: List[Dict[str, object]] = []
-    for causal in (True, False):
+    for causal in MASKS[args.mask]:
         forward_flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
 
         def mono_fwd():
@@ -160,8 +161,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             })
     return dict(
         machine=_machine(args.device), torch=torch.__version__, dtype=args.dtype,
-        device=args.device, kernel=kernel, seq_len=s, ring_size=ring_size, heads=h, head_dim=d,
-        batch=b, shard_len=s // ring_size, iters=args.iters, warmup=args.warmup, results=rows,
+        device=args.device, kernel=kernel, mask=args.mask, seq_len=s, ring_size=ring_size,
+        heads=h, head_dim=d, batch=b, shard_len=s // ring_size, iters=args.iters,
+        warmup=args.warmup, results=rows,
     )
 
 
@@ -176,6 +178,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto",
                         help="block kernel for both sides (auto: flash_attn where it runs)")
+    parser.add_argument("--mask", choices=sorted(MASKS), default="both",
+                        help="causal, full (no mask) or both, each timed fwd and fwd+bwd")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
