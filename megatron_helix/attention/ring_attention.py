@@ -240,7 +240,8 @@ def ring_attention(
 
     Rank ``r`` of ``R`` holds chunks ``r`` and ``2R-1-r`` of ``2R`` (``zigzag_shard``; Megatron's
     ``get_batch_on_this_cp_rank``). ``softmax_scale`` defaults to ``d ** -0.5``. ``kernel``
-    picks the block kernel (``block_kernel``: ``auto``, ``torch``, ``flash_attn``, ``math``);
+    picks the block kernel (``block_kernel.KERNEL_CHOICES``: ``auto``, ``torch``, ``flash_attn``,
+    ``cudnn``, ``math``);
     every rank must resolve it alike. ``dropout_p > 0`` drops attention probabilities with
     position-keyed masks whose seed is drawn here from the default generator (call it inside
     Megatron's RNG-tracker fork) and runs the ``math`` kernel. Differentiable in q, k and v.

@@ -42,8 +42,8 @@ class RingDotProductAttention(CoreAttention):
 
     Args: those of ``CoreAttention`` (``DotProductAttention``'s). ``cp_comm_type`` may be
     ``None`` or ``"p2p"`` (the ring); ``pg_collection`` must provide ``cp`` (default:
-    Megatron's parallel state). ``block_kernel`` (``auto``, ``torch``, ``flash_attn``; set
-    through the spec's ``params``) picks the ring's block kernel.
+    Megatron's parallel state). ``block_kernel`` (``block_kernel.KERNEL_CHOICES``; set through
+    the spec's ``params``) picks the ring's block kernel.
     """
 
     def __init__(self, *args, block_kernel: str = "auto", **kwargs):
