@@ -114,11 +114,14 @@ def machine_facts() -> Dict[str, object]:
                                 "gpu": None, "nvidia_smi": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        l2_bytes, persisting = l2_sizes(torch.device("cuda", 0))
-        facts["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                        "sm_count": props.multi_processor_count,
-                        "memory_bytes": props.total_memory, "l2_bytes": l2_bytes,
-                        "max_persisting_l2_bytes": persisting}
+        gpu = facts["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                              "sm_count": props.multi_processor_count,
+                              "memory_bytes": props.total_memory,
+                              "l2_bytes": props.L2_cache_size}
+        try:
+            gpu["max_persisting_l2_bytes"] = l2_sizes(torch.device("cuda", 0))[1]
+        except (CudaRuntimeError, OSError) as error:  # recorded; the other facts still are
+            gpu["max_persisting_l2_bytes"] = f"unavailable: {error}"
     query = ("name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,"
              "clocks.max.mem,power.limit")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
