@@ -68,19 +68,20 @@ def pretrain(
     timeout: int = 300,
     script: str = "pretrain_gpt.py",
 ) -> subprocess.CompletedProcess:
-    """``torchrun -m megatron_helix.launch --cpu TREE/SCRIPT TINY_GPT FLAGS`` on ``nproc`` ranks.
+    """``megatron_helix.launch --cpu TREE/SCRIPT TINY_GPT FLAGS`` on ``nproc`` ranks.
 
-    Later flags win, so ``flags`` may override ``TINY_GPT``. With ``log_dir`` every rank's
-    output is also kept under ``log_dir/<attempt>/<rank>/``.
+    Later flags win, so ``flags`` may override ``TINY_GPT``. The ranks are forked from one
+    process that imported Megatron once (``tests/forked_ranks.py``); with ``log_dir`` they are
+    started by torchrun instead, which keeps every rank's output under
+    ``log_dir/<attempt>/<rank>/``.
     """
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(nproc),
-    ]
-    if log_dir is not None:
-        command += ["--log-dir", str(log_dir), "--tee", "3"]
-    command += ["-m", "megatron_helix.launch", "--cpu", str(tree / script), *TINY_GPT,
-                "--train-iters", str(iterations), *flags]
+    launch = ["--cpu", str(tree / script), *TINY_GPT, "--train-iters", str(iterations), *flags]
+    if log_dir is None:
+        command = [sys.executable, str(ROOT / "tests" / "forked_ranks.py"), str(nproc), *launch]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(nproc), "--log-dir", str(log_dir), "--tee", "3",
+                   "-m", "megatron_helix.launch", *launch]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=environment(), cwd=tree)
 
