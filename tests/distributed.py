@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str):
     import warnings
 
     import torch
@@ -43,6 +43,8 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable
     torch.set_num_threads(1)
     result: Any
     try:
+        with open(os.path.join(out_dir, "call.pkl"), "rb") as f:
+            fn, args = pickle.load(f)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:  # reported to the parent, which re-raises
@@ -62,8 +64,12 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300) 
     """
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
+        # Through a file, by value: multiprocessing would hand every tensor of ``args`` over as
+        # a shared-memory file descriptor, more than a fork server accepts at once.
+        with open(os.path.join(out_dir, "call.pkl"), "wb") as f:
+            pickle.dump((fn, args), f)
         ctx = mp.start_processes(
-            _rank_main, args=(world_size, port, out_dir, fn, args), nprocs=world_size,
+            _rank_main, args=(world_size, port, out_dir), nprocs=world_size,
             join=False, start_method="forkserver",
         )
         import time
