@@ -50,6 +50,37 @@ def _decode_step(mode, context_length):
             for g in {key.group for key in counter.tallies}}
 
 
+def _refusals():
+    """The kv-parallel forward's errors for a padding mask type and for positions past the
+    context's maximum length: ``{case: message}``."""
+    import torch
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_helix.specs import get_gpt_layer_helix_spec
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        tensor_model_parallel_size=M * N, use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
+    layer = build_module(get_gpt_layer_helix_spec(decode_mode="kv-parallel"), config=config,
+                         layer_number=1).eval()
+    messages = {}
+    for case, max_length, mask_type in (("padding", 8, AttnMaskType.padding),
+                                        ("too long", 2, AttnMaskType.causal)):
+        layer.self_attention.attn_mask_type = mask_type
+        try:
+            with torch.no_grad():
+                layer(torch.randn(4, B, HIDDEN), attention_mask=None,
+                      inference_context=StaticInferenceContext(B, max_length))
+        except (NotImplementedError, ValueError) as error:
+            messages[case] = str(error)
+    return messages
+
+
 def _filled_cache(layer, context, mode):
     """A cache of this rank's shape holding ones: earlier tokens as a prefill leaves them."""
     import torch
@@ -72,8 +103,9 @@ def _world(rank, world_size):
     helix_state.initialize_helix(M, N)
     helix_state.helix_manual_seed(7)
     try:
-        return {(mode, length): _decode_step(mode, length)
-                for mode in MODES for length in CONTEXTS}
+        counts = {(mode, length): _decode_step(mode, length)
+                  for mode in MODES for length in CONTEXTS}
+        return dict(counts, refusals=_refusals())
     finally:
         mpu.destroy_model_parallel()
         helix_state.destroy_helix()
@@ -114,6 +146,14 @@ def test_kv_parallel_is_independent_of_the_context_and_slices_grow_linearly(meas
         # all-reduce of b x H/n fp32 scores per context token: 2 (m-1) / m of it sent
         assert per_token == [2 * (M - 1) * B * (HEADS // N) * FP32 / M] * 2
         assert kv[0] < slices[0]
+
+
+def test_kv_parallel_refuses_what_it_does_not_run(measured):
+    for result in measured:
+        refusals = result["refusals"]
+        assert "--helix-decode kv-parallel does not support attention mask type padding" in \
+            refusals["padding"]
+        assert "exceed the inference context's maximum sequence length 2" in refusals["too long"]
 
 
 def test_auto_picks_the_mode_that_sends_fewer_bytes_at_the_maximum_length():
