@@ -155,8 +155,8 @@ class HelixSelfAttention(SelfAttention):
 
         megatron-core computes them in its constructor from the TP size, with no hook to pass
         them in. This rank holds ``H/n`` heads and ``G/n`` query groups of ``d/m`` dims each.
-        Megatron's ``forward``, the inference KV cache (``[max_seq, b, G/n, d/m]`` per rank)
-        and the CUDA-graph buffers read these attributes.
+        Megatron's ``forward``, the slice path's inference KV cache
+        (``[max_seq, b, G/n, d/m]`` per rank) and the CUDA-graph buffers read these attributes.
         """
         layout = self.helix_layout
         self.num_attention_heads_per_partition = layout.heads_per_group
@@ -238,8 +238,8 @@ class HelixSelfAttention(SelfAttention):
             raise TypeError("HelixSelfAttention.forward takes hidden_states, attention_mask "
                             "and keyword arguments")
         rotary = kwargs.get("rotary_pos_emb")
-        if context is not None and self.resolved_decode_mode(context, hidden_states) == \
-                "kv-parallel":
+        if context is not None and (
+                self.resolved_decode_mode(context, hidden_states) == "kv-parallel"):
             return self._kv_parallel_forward(hidden_states, context, **kwargs)
         if rotary is not None:
             kwargs["rotary_pos_emb"] = self._slice_rotary(rotary)
