@@ -25,6 +25,7 @@ import os
 from datetime import timedelta
 from typing import Callable, List, Optional, Tuple
 
+from megatron_helix.attention.decode_mode import DECODE_MODES
 from megatron_helix.attention.strategy import STRATEGIES
 from megatron_helix.checkpoint_record import check_checkpoint_to_load, mark_standard_layout
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
@@ -74,6 +75,14 @@ def add_helix_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="How the m dim slices of a head combine attention scores: 'allreduce' (partial "
         "scores; cheap for short queries), 'redistribute' (all-to-all to whole heads; for long "
         "prefill and training) or 'auto' (fewer bytes for the shapes at hand).",
+    )
+    group.add_argument(
+        "--helix-decode", choices=DECODE_MODES, default="auto",
+        help="How the m dim slices of a head serve a static KV cache: 'slices' (each caches "
+        "its d/m dims of every token; the score all-reduce grows with the context), "
+        "'kv-parallel' (each caches 1/m of the tokens at the full head dim; traffic per step "
+        "independent of the context) or 'auto' (kv-parallel when m > 1 and it sends fewer "
+        "bytes per decode step at the context's maximum length).",
     )
     group.add_argument(
         "--helix-layerwise", action="store_true",
@@ -439,6 +448,7 @@ def helix_spec_from_args(args: argparse.Namespace):
         qk_layernorm=getattr(args, "qk_layernorm", False),
         use_te=getattr(args, "transformer_impl", "local") == "transformer_engine",
         score_strategy=getattr(args, "helix_score_strategy", "auto"),
+        decode_mode=getattr(args, "helix_decode", "auto"),
         ring=getattr(args, "context_parallel_size", 1) > 1,
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         normalization=getattr(args, "normalization", None),

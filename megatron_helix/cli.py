@@ -99,7 +99,8 @@ def _plan(args: argparse.Namespace) -> int:
           + f", seq {job.seq_length}, global batch {job.global_batch}, micro-batch "
           f"{job.micro_batch}, {job.dtype}; {args.gpus} GPUs, {args.gpus_per_node} per node")
     print("TPOT* = a forward pass of the global batch / its tokens (the seeds' definition); "
-          "decode = one new token per sequence against a full KV cache\n")
+          "decode = one new token per sequence against a full KV cache (helix: in the mode "
+          "--helix-decode auto takes, kv-parallel or slices)\n")
     limit = args.top or None
     print(format_table(predictions, limit))
     if limit and len(predictions) > limit:

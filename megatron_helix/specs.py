@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_helix.attention.decode_mode import DECODE_MODES
 from megatron_helix.attention.helix_core_attention import HelixCoreAttention
 from megatron_helix.attention.helix_ring_core_attention import HelixRingCoreAttention
 from megatron_helix.attention.helix_self_attention import HelixSelfAttention
@@ -46,6 +47,7 @@ def get_gpt_layer_helix_spec(
     ring: bool = False,
     position_embedding_type: str = "rope",
     normalization: Optional[str] = None,
+    decode_mode: str = "auto",
 ) -> ModuleSpec:
     """Megatron's GPT layer spec with helix attention.
 
@@ -62,9 +64,13 @@ def get_gpt_layer_helix_spec(
         position_embedding_type: the model's (``rope``, ``yarn``, ``learned_absolute``, ``none``);
             decides which head dims a slice owns.
         normalization: ``LayerNorm`` or ``RMSNorm`` (local backend; TE takes it from the config).
+        decode_mode: ``auto``, ``kv-parallel`` or ``slices``: how the slice group serves a
+            static KV cache (see ``attention/decode_mode``).
     """
     if score_strategy not in STRATEGIES:
         raise ValueError(f"--helix-score-strategy {score_strategy!r} not in {STRATEGIES}")
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"--helix-decode {decode_mode!r} not in {DECODE_MODES}")
     if use_te:
         if not _have_transformer_engine():
             raise ImportError(
@@ -82,7 +88,8 @@ def get_gpt_layer_helix_spec(
     spec = copy.deepcopy(base)
     attention = spec.submodules.self_attention
     attention.module = HelixSelfAttention
-    attention.params = dict(attention.params, position_embedding_type=position_embedding_type)
+    attention.params = dict(attention.params, position_embedding_type=position_embedding_type,
+                            decode_mode=decode_mode)
     attention.submodules.core_attention = _core_attention_spec(score_strategy, ring)
     return spec
 

@@ -350,6 +350,8 @@ def spec_calls(monkeypatch):
     (["--num-experts", "0"], dict(num_experts=None)),
     (["--qk-layernorm", "--helix-m", "1"], dict(qk_layernorm=True)),
     (["--helix-score-strategy", "allreduce"], dict(score_strategy="allreduce")),
+    ([], dict(decode_mode="auto")),
+    (["--helix-decode", "kv-parallel"], dict(decode_mode="kv-parallel")),
     (["--helix-ring-size", "2"], dict(ring=True)),
     (["--position-embedding-type", "rope", "--normalization", "RMSNorm"],
      dict(position_embedding_type="rope", normalization="RMSNorm")),

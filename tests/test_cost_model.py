@@ -19,7 +19,7 @@ from megatron_helix.perf.calibration import Calibration, gpu_calibration
 from megatron_helix.perf.cost_model import Cluster, Job, predict
 from megatron_helix.perf.layouts import ParallelLayout, candidate_layouts
 from megatron_helix.perf.memory import Kernels
-from megatron_helix.perf.work import LayerShape, layer_work
+from megatron_helix.perf.work import LayerShape, decode_layer_work, layer_work
 
 MODEL = ModelShape(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=4,
                    ffn_hidden_size=2048, vocab_size=1000)
@@ -54,6 +54,19 @@ def test_helix_work_moves_the_formula_bytes(strategy):
     sent = _sent_by_group(layout)
     assert sent["helix_slice"] == f.helix_attention_bytes(_slice_shape(2, 2), strategy)
     assert sent["tp"] == f.tp_layer_bytes(B * S, 512, 4, E, sequence_parallel=False)
+
+
+@pytest.mark.parametrize("context, mode", [(4, "slices"), (S, "kv-parallel")])
+def test_helix_decode_work_moves_the_formula_bytes_of_the_mode_auto_takes(context, mode):
+    layout = ParallelLayout(tp=4, helix_m=2)
+    shape = LayerShape(MODEL, layout, B, context, E, Kernels.local_spec(layout))
+    sent = defaultdict(int)
+    for op in decode_layer_work(shape).comms:
+        sent[op.group] += op.sent
+    slice_group = SliceGroupShape(m=2, batch=B, seq_q=1, seq_kv=context, heads=4, kv_heads=2,
+                                  slice_dim=MODEL.head_dim // 2, element_bytes=E)
+    assert sent == {"tp": f.tp_layer_bytes(B, 512, 4, E, False, backward=False),
+                    "helix_slice": f.helix_decode_bytes(slice_group, mode)}
 
 
 def test_ring_work_moves_the_formula_bytes():

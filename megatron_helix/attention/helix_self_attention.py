@@ -9,6 +9,12 @@ its core-attention output, the projection's local input, is those heads' slice-`
 
 RoPE is applied by Megatron's own kernels to the local slice, with the rotary frequencies
 indexed by the same dims as q and k: slices keep RoPE pairs together (``layout.slice_dims``).
+
+With a static inference context the slice group decodes in one of two modes (``decode_mode``,
+``--helix-decode``; ``attention/decode_mode.py``): ``slices``, Megatron's forward on the slices
+above with a ``[max_seq, b, G/n, d/m]`` cache and the score all-reduce, or ``kv-parallel``
+(``attention/kv_parallel_decode.py``), a ``[ceil(max_seq/m), b, G/n, d]`` cache of every
+``m``-th token and context-independent traffic.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import contextlib
 from typing import Optional
 
 import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.transformer import attention as megatron_attention
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -25,6 +35,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_helix import parallel_state as helix_state
+from megatron_helix.attention.decode_mode import DECODE_MODES, choose_decode_mode
+from megatron_helix.attention.kv_parallel_decode import (
+    allocate_cache,
+    gather_head_dims,
+    kv_parallel_attention,
+)
+from megatron_helix.attention.strategy import SliceGroupShape
 from megatron_helix.attention.sliced_norm import NORMALIZATIONS, sliced_head_norm
 from megatron_helix.checkpoint import standard_layout_factory
 from megatron_helix.layout import HelixLayout, rope_pairing
@@ -95,6 +112,8 @@ class HelixSelfAttention(SelfAttention):
     Needs ``megatron_helix.parallel_state`` initialized (``initialize_helix`` or
     ``build_helix_groups``). The model's position embedding type decides the dim slicing;
     pass it as a spec param (``position_embedding_type``) when it is not ``rope``.
+    ``decode_mode`` (spec param): ``auto``, ``kv-parallel`` or ``slices``, how a static
+    inference context is served (``attention/decode_mode.choose_decode_mode``).
     """
 
     def __init__(
@@ -106,7 +125,11 @@ class HelixSelfAttention(SelfAttention):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         position_embedding_type: str = "rope",
+        decode_mode: str = "auto",
     ):
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"--helix-decode {decode_mode!r} not in {DECODE_MODES}")
+        self.decode_mode = decode_mode
         m, n = helix_state.get_helix_m(), helix_state.get_helix_n()
         self.helix_layout = HelixLayout(
             m, n, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
@@ -122,14 +145,18 @@ class HelixSelfAttention(SelfAttention):
         self._use_helix_sizes()
         dims = self.helix_layout.slice_dims(helix_state.get_helix_slice_rank())
         self.register_buffer("rope_dims", torch.tensor(dims, dtype=torch.long), persistent=False)
+        in_slice_order = [i for j in range(m) for i in self.helix_layout.slice_dims(j)]
+        self.register_buffer(
+            "dim_order", torch.tensor(in_slice_order, dtype=torch.long), persistent=False
+        )
 
     def _use_helix_sizes(self) -> None:
         """Set the per-rank sizes ``Attention.__init__`` computed for plain TP to helix's.
 
         megatron-core computes them in its constructor from the TP size, with no hook to pass
         them in. This rank holds ``H/n`` heads and ``G/n`` query groups of ``d/m`` dims each.
-        Megatron's ``forward``, the inference KV cache (``[max_seq, b, G/n, d/m]`` per rank)
-        and the CUDA-graph buffers read these attributes.
+        Megatron's ``forward``, the slice path's inference KV cache
+        (``[max_seq, b, G/n, d/m]`` per rank) and the CUDA-graph buffers read these attributes.
         """
         layout = self.helix_layout
         self.num_attention_heads_per_partition = layout.heads_per_group
@@ -211,9 +238,90 @@ class HelixSelfAttention(SelfAttention):
             raise TypeError("HelixSelfAttention.forward takes hidden_states, attention_mask "
                             "and keyword arguments")
         rotary = kwargs.get("rotary_pos_emb")
+        if context is not None and (
+                self.resolved_decode_mode(context, hidden_states) == "kv-parallel"):
+            return self._kv_parallel_forward(hidden_states, context, **kwargs)
         if rotary is not None:
             kwargs["rotary_pos_emb"] = self._slice_rotary(rotary)
         return super().forward(hidden_states, attention_mask, **kwargs)
+
+    def resolved_decode_mode(self, context, hidden_states: Tensor) -> str:
+        """``kv-parallel`` or ``slices`` for this static context: fixed by its maximum batch and
+        sequence length, so prefill and every decode step of one context agree."""
+        layout = self.helix_layout
+        shape = SliceGroupShape(
+            m=layout.m, batch=context.max_batch_size, seq_q=1,
+            seq_kv=context.max_sequence_length, heads=layout.heads_per_group,
+            kv_heads=layout.query_groups_per_group, slice_dim=layout.slice_dim,
+            element_bytes=hidden_states.element_size(),
+        )
+        return choose_decode_mode(self.decode_mode, shape)
+
+    def _kv_parallel_forward(
+        self, hidden_states: Tensor, context, rotary_pos_emb=None, attention_bias=None,
+        packed_seq_params=None, **unused,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``[sq, b, h]`` new tokens -> the projection's ``(output, bias)``, the cache kept by
+        sequence over the slice group (``attention/kv_parallel_decode.py``)."""
+        self._refuse_for_kv_parallel(attention_bias, packed_seq_params)
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        group = helix_state.get_helix_slice_group()
+        widths = [query.shape[2], key.shape[2], value.shape[2]]
+        whole = gather_head_dims(torch.cat((query, key, value), dim=2), self.dim_order, group)
+        query, key, value = torch.split(whole, widths, dim=2)
+        offset = context.sequence_len_offset
+        end = offset + query.shape[0]
+        if end > context.max_sequence_length:
+            raise ValueError(
+                f"positions up to {end} exceed the inference context's maximum sequence length "
+                f"{context.max_sequence_length}; increase it"
+            )
+        query, key = self._rotate(query, key, rotary_pos_emb, offset, end)
+        memory = context.key_value_memory_dict
+        if self.layer_number not in memory:
+            memory[self.layer_number] = allocate_cache(
+                context.max_sequence_length, context.max_batch_size, self.helix_layout.m,
+                key.shape[2], key.shape[3], key,
+            )
+        out = kv_parallel_attention(
+            query, key, value, memory[self.layer_number], offset, context.batch_size_offset,
+            self.core_attention.softmax_scale, self.dim_order, group,
+        )
+        return self.linear_proj(out.flatten(2))
+
+    def _rotate(self, query: Tensor, key: Tensor, rotary, start: int, end: int):
+        """RoPE on whole heads ``[sq, b, heads, d]`` at positions ``start:end``, by Megatron's
+        ``apply_rotary_pos_emb`` with the arguments its ``Attention.forward`` passes (the
+        rotary ``[max_seq, 1, 1, d]`` is indexed by absolute position, as there)."""
+        no_rope = self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]
+        if rotary is None or no_rope:
+            return query, key
+        q_freqs, k_freqs = rotary if isinstance(rotary, tuple) else (rotary, rotary)
+        kwargs = dict(config=self.config, cp_group=self.pg_collection.cp,
+                      mscale=_yarn_get_concentration_factor_from_config(self.config))
+        if q_freqs is not None:
+            query = apply_rotary_pos_emb(query, q_freqs[start:end], **kwargs)
+        if k_freqs is not None:
+            key = apply_rotary_pos_emb(key, k_freqs[start:end], **kwargs)
+        return query, key
+
+    def _refuse_for_kv_parallel(self, attention_bias, packed_seq_params) -> None:
+        """What the kv-parallel forward does not run, refused by name."""
+        problems = []
+        if self.attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            problems.append(f"attention mask type {self.attn_mask_type.name} (it masks "
+                            f"causally by position)")
+        if attention_bias is not None:
+            problems.append("an attention bias")
+        if packed_seq_params is not None:
+            problems.append("packed sequences (THD)")
+        if self.config.context_parallel_size > 1:
+            problems.append("a context-parallel ring")
+        if problems:
+            raise NotImplementedError(
+                "--helix-decode kv-parallel does not support " + "; ".join(problems)
+                + " (use --helix-decode slices)"
+            )
 
     def _slice_rotary(self, rotary):
         """Index the rotary frequencies ``[s, 1, 1, d]`` by this rank's dims -> ``[s, 1, 1, d/m]``."""

@@ -17,6 +17,11 @@ tensor-parallel group: ``b s / R`` with a ring of ``R``; ``D`` hidden):
 - **Helix** ``m x n``: the TP traffic of ``t = m n`` plus the slice group's, from
   ``attention/strategy.py`` (redistribute exactly; score all-reduce per query block, over the
   score pairs actually computed — causal blocks stop at the diagonal).
+- **Helix decode** with a static KV cache, per forward of ``sq`` new tokens (``attention/
+  decode_mode.py``): the slice path's score all-reduce over ``b H/n sq s_kv`` fp32 scores,
+  growing with the context ``s_kv``; kv-parallel's all-gather of the new q, k, v slices and of
+  their fp32 LSE and reduce-scatter of the output, independent of ``s_kv``. Plus the TP
+  traffic of ``t = m n`` for ``b sq`` tokens, forward only.
 - **Ring** of ``R``: forward, ``R - 1`` shifts of the stacked local k and v
   (``2 (s/R) b g d e``); backward, ``R - 1`` shifts of k and v again plus ``R`` shifts of their
   fp32 gradient accumulators. With helix ``m > 1`` each of q, k, v and the output is also
@@ -28,6 +33,10 @@ tensor-parallel group: ``b s / R`` with a ring of ``R``; ``D`` hidden):
 
 from __future__ import annotations
 
+from megatron_helix.attention.decode_mode import (
+    kv_parallel_bytes_sent,
+    slices_decode_bytes_sent,
+)
 from megatron_helix.attention.strategy import (
     QUERY_BLOCK_SIZE,
     SliceGroupShape,
@@ -101,6 +110,19 @@ def helix_attention_bytes(
     if strategy != "allreduce":
         raise ValueError(f"strategy {strategy!r} is neither 'allreduce' nor 'redistribute'")
     return allreduce_bytes_sent(shape, backward, causal, query_block_size)
+
+
+def helix_decode_bytes(shape: SliceGroupShape, mode: str) -> int:
+    """Slice-group traffic of one helix attention layer's forward with a static KV cache (not
+    the TP part): ``shape.seq_q`` new tokens per sequence (1 when decoding) over a context of
+    ``shape.seq_kv`` tokens, in the resolved ``mode`` (``kv-parallel`` or ``slices``; see
+    ``attention.decode_mode.choose_decode_mode`` for ``auto``). Without ``--qk-layernorm``,
+    whose sliced norm adds its statistics' all-reduce in both modes."""
+    if mode == "kv-parallel":
+        return kv_parallel_bytes_sent(shape)
+    if mode != "slices":
+        raise ValueError(f"decode mode {mode!r} is neither 'kv-parallel' nor 'slices'")
+    return slices_decode_bytes_sent(shape)
 
 
 def ring_attention_bytes(

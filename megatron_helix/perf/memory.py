@@ -232,14 +232,31 @@ def stage_activation_bytes(model: ModelShape, layout: ParallelLayout, stage: int
 
 
 def kv_cache_bytes(model: ModelShape, layout: ParallelLayout, batch: int, seq_length: int,
-                   e: int, stage: int = 0, layers: Optional[int] = None) -> int:
+                   e: int, stage: int = 0, layers: Optional[int] = None,
+                   kv_parallel: bool = False) -> int:
     """Inference KV cache of one rank: its layers x k and v of its KV heads x its dims x its
     tokens. Helix rank ``(g, j)`` caches KV groups of head group ``g`` restricted to slice
     ``j``: ``G/n`` heads of ``d/m`` dims, ``G d / t`` per token like TP, but for any ``t`` up to
-    ``G m``, not only ``t <= G``. ``layers`` as in ``stage_activation_bytes``."""
+    ``G m``, while plain TP with ``t > G`` replicates KV heads (``kv_elements_per_token``).
+    With ``kv_parallel`` (``--helix-decode kv-parallel``) it
+    caches every ``m``-th token of those ``G/n`` heads at the full ``d`` dims instead,
+    ``ceil(s/m)`` tokens: the same ``2 s G d e / (m n)`` per layer when ``m`` divides ``s``.
+    ``layers`` as in ``stage_activation_bytes``."""
     layers = stage_layers(model, layout, stage) if layers is None else layers
-    per_token = 2 * model.query_groups * model.head_dim // layout.tp
-    return layers * batch * (seq_length // layout.cp) * per_token * e
+    tokens = seq_length // layout.cp
+    if kv_parallel:
+        m = layout.helix_m
+        tokens = -(-tokens // m) * m
+    return layers * batch * tokens * 2 * kv_elements_per_token(model, layout) * e
+
+
+def kv_elements_per_token(model: ModelShape, layout: ParallelLayout) -> int:
+    """Key (or value) elements one rank caches per token: ``G d / t``, its ``G/n`` KV heads x
+    its ``d/m`` dims under helix; plain TP wider than the KV groups (``t > G``) gives every
+    rank one whole KV head, each replicated on ``t / G`` ranks (Megatron's GQA rule)."""
+    if layout.helix_m == 1 and layout.tp > model.query_groups:
+        return model.head_dim
+    return model.query_groups * model.head_dim // layout.tp
 
 
 def live_activation_bytes(model: ModelShape, layout: ParallelLayout, tokens: int, e: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
+from megatron_helix.attention.decode_mode import choose_decode_mode
 from megatron_helix.attention.strategy import SliceGroupShape, query_blocks
 from megatron_helix.layerwise import ModelShape
 from megatron_helix.perf.calibration import flash_attention_flops
@@ -30,7 +31,7 @@ from megatron_helix.perf.comm_formulas import (
     reduce_scatter_sent,
 )
 from megatron_helix.perf.layouts import ParallelLayout
-from megatron_helix.perf.memory import Kernels
+from megatron_helix.perf.memory import Kernels, kv_elements_per_token
 
 Gemm = Tuple[int, int, int]  # (m, n, k): [m, k] x [k, n]
 
@@ -335,16 +336,16 @@ def optimizer_bytes(params: int, param_bytes: int, mixed_precision: bool) -> flo
 def decode_layer_work(x: LayerShape) -> PassWork:
     """One decode step of one layer: ``b`` new tokens (one per sequence) against a KV cache of
     ``s`` tokens. GEMMs have ``b`` rows (weight-bound on a GPU); attention reads the rank's
-    cache slice, ``2 b s G d / t`` elements (helix: its KV heads x its dims); TP all-reduces
-    ``b D e`` after the projection and fc2; helix's slice group all-reduces the fp32 scores
-    ``b (H/n) s`` (``choose_strategy`` takes the score all-reduce for one query)."""
+    cache, ``2 b s G d / t`` elements (helix: its KV heads x its dims, or ``1/m`` of the tokens
+    at the full dim; plain TP with ``t > G`` one replicated KV head); TP all-reduces ``b D e``
+    after the projection and fc2; helix's slice group adds ``_helix_decode_comms``."""
     m, t, b, s = x.model, x.layout.tp, x.micro_batch, x.seq_length
     routed = b * m.active_experts
     gemms = [(b, m.qkv_width // t, m.hidden_size), (b, m.hidden_size, m.context_width // t),
              (routed, m.fc1_width // t, m.hidden_size),
              (routed, m.hidden_size, m.ffn_hidden_size // t)]
     heads = m.num_attention_heads // t
-    cache = 2 * b * s * m.query_groups * m.head_dim // t * x.element_bytes
+    cache = 2 * b * s * kv_elements_per_token(m, x.layout) * x.element_bytes
     decode = AttentionWork("flash", 4.0 * b * heads * s * m.head_dim, (b * heads, 1, m.head_dim),
                            cache, backward=False)
     work = PassWork(gemms=gemms, attention=[decode])
@@ -353,8 +354,33 @@ def decode_layer_work(x: LayerShape) -> PassWork:
         work.comms.append(CommOp("all_reduce", "tp", 2 * all_reduce_sent(n, t), calls=2,
                                  steps=2 * (t - 1)))
     if x.layout.is_helix:
-        mm = x.layout.helix_m
-        scores = b * (m.num_attention_heads // x.layout.helix_n) * s * FP32_BYTES
-        work.comms.append(CommOp("all_reduce", "helix_slice", all_reduce_sent(scores, mm),
-                                 steps=2 * (mm - 1)))
+        work.comms.extend(_helix_decode_comms(x))
     return work
+
+
+def _helix_decode_comms(x: LayerShape) -> List[CommOp]:
+    """The slice group's part of a decode step in the mode ``--helix-decode auto`` resolves to
+    for a cache of ``s`` tokens (``attention/decode_mode``): kv-parallel's all-gathers of the
+    new q, k, v slices and of their fp32 LSE and reduce-scatter of the output (the same cache
+    bytes and attention FLOPs per rank, ``1/m`` of the tokens at the full dim), or the slice
+    path's score all-reduce."""
+    m, layout, b = x.model, x.layout, x.micro_batch
+    mm = layout.helix_m
+    heads = m.num_attention_heads // layout.helix_n
+    kv_heads = m.query_groups // layout.helix_n
+    shape = SliceGroupShape(m=mm, batch=b, seq_q=1, seq_kv=x.seq_length, heads=heads,
+                            kv_heads=kv_heads, slice_dim=m.head_dim // mm,
+                            element_bytes=x.element_bytes)
+    if choose_decode_mode("auto", shape) == "slices":
+        scores = b * heads * x.seq_length * FP32_BYTES
+        return [CommOp("all_reduce", "helix_slice", all_reduce_sent(scores, mm),
+                       steps=2 * (mm - 1))]
+    slice_bytes = b * shape.slice_dim * x.element_bytes
+    return [
+        CommOp("all_gather", "helix_slice",
+               all_gather_sent((heads + 2 * kv_heads) * slice_bytes, mm), steps=mm - 1),
+        CommOp("all_gather", "helix_slice", all_gather_sent(b * heads * FP32_BYTES, mm),
+               steps=mm - 1),
+        CommOp("reduce_scatter", "helix_slice", reduce_scatter_sent(heads * slice_bytes, mm),
+               steps=mm - 1),
+    ]
