@@ -51,8 +51,8 @@ def _decode_step(mode, context_length):
 
 
 def _refusals():
-    """The kv-parallel forward's errors for a padding mask type and for positions past the
-    context's maximum length: ``{case: message}``."""
+    """The kv-parallel forward's errors for a padding mask type, positions past the context's
+    maximum length and several tokens after the prefill: ``{case: message}``."""
     import torch
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.transformer.enums import AttnMaskType
@@ -69,13 +69,16 @@ def _refusals():
     layer = build_module(get_gpt_layer_helix_spec(decode_mode="kv-parallel"), config=config,
                          layer_number=1).eval()
     messages = {}
-    for case, max_length, mask_type in (("padding", 8, AttnMaskType.padding),
-                                        ("too long", 2, AttnMaskType.causal)):
+    for case, max_length, offset, mask_type in (("padding", 8, 0, AttnMaskType.padding),
+                                                ("too long", 2, 0, AttnMaskType.causal),
+                                                ("tokens after prefill", 8, 2,
+                                                 AttnMaskType.causal)):
         layer.self_attention.attn_mask_type = mask_type
+        context = StaticInferenceContext(B, max_length)
+        context.sequence_len_offset = offset
         try:
             with torch.no_grad():
-                layer(torch.randn(4, B, HIDDEN), attention_mask=None,
-                      inference_context=StaticInferenceContext(B, max_length))
+                layer(torch.randn(4, B, HIDDEN), attention_mask=None, inference_context=context)
         except (NotImplementedError, ValueError) as error:
             messages[case] = str(error)
     return messages
@@ -154,6 +157,7 @@ def test_kv_parallel_refuses_what_it_does_not_run(measured):
         assert "--helix-decode kv-parallel does not support attention mask type padding" in \
             refusals["padding"]
         assert "exceed the inference context's maximum sequence length 2" in refusals["too long"]
+        assert "got 4 tokens after position 2" in refusals["tokens after prefill"]
 
 
 def test_auto_picks_the_mode_that_sends_fewer_bytes_at_the_maximum_length():

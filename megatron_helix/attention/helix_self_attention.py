@@ -264,6 +264,14 @@ class HelixSelfAttention(SelfAttention):
         """``[sq, b, h]`` new tokens -> the projection's ``(output, bias)``, the cache kept by
         sequence over the slice group (``attention/kv_parallel_decode.py``)."""
         self._refuse_for_kv_parallel(attention_bias, packed_seq_params)
+        if context.sequence_len_offset > 0 and hidden_states.shape[0] > 1:
+            # megatron-core's static path attends such tokens to each other without a causal
+            # mask; kv-parallel masks them, so the two would differ: refused, not different.
+            raise NotImplementedError(
+                f"--helix-decode kv-parallel runs a prefill and then one token per forward; "
+                f"got {hidden_states.shape[0]} tokens after position "
+                f"{context.sequence_len_offset} (use --helix-decode slices)"
+            )
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         group = helix_state.get_helix_slice_group()
         widths = [query.shape[2], key.shape[2], value.shape[2]]

@@ -17,8 +17,8 @@ One forward of ``sq`` new tokens (prefill or decode alike):
 2. ``write_cache``: each new token's k and v go to the cache of the rank that owns its position.
 3. ``local_attention``: all new queries attend the rank's cached tokens under the causal mask
    by *global* position, giving a partial output and the fp32 log-sum-exp of every query row.
-   (A forward of several tokens after the first is masked causally too, where megatron-core's
-   static path turns the mask off; prefill and single-token decode steps are the same.)
+   (``HelixSelfAttention`` refuses a forward of several tokens after the prefill, which
+   megatron-core's static path attends without a mask.)
 4. ``combine``: the LSEs are all-gathered (``m`` fp32 per row), each partial output is scaled
    by ``exp(lse_j - lse_total)``, and a reduce-scatter along the head dim sums them and hands
    each rank the ``d/m`` output dims of its slice, the input of Megatron's row-parallel
