@@ -21,19 +21,23 @@ PROMPT, DECODE, BATCH = 40, 64, 2
 SEQ = PROMPT + DECODE  # the last decode step writes position SEQ - 1
 MODEL = ["--num-layers", str(LAYERS), "--hidden-size", str(HIDDEN), "--num-attention-heads",
          str(HEADS), "--group-query-attention", "--seq-length", str(SEQ), "--seed", "3"]
-# name -> (KV groups, helix m, helix n, decode mode); helix None: one device
+QK_NORM = ("--qk-layernorm", "--normalization", "RMSNorm")
+# name -> (KV groups, helix m, helix n, decode mode, other flags); helix None: one device
 RUNS = {
-    "one device": (4, None, None, None),
-    "slices 2x2": (4, 2, 2, "slices"),
-    "kv-parallel 2x2": (4, 2, 2, "kv-parallel"),
-    "kv-parallel 4x1": (4, 4, 1, "kv-parallel"),
-    "one device, 2 KV groups": (2, None, None, None),
-    "kv-parallel 2x2, 2 KV groups": (2, 2, 2, "kv-parallel"),
+    "one device": (4, None, None, None, ()),
+    "slices 2x2": (4, 2, 2, "slices", ()),
+    "kv-parallel 2x2": (4, 2, 2, "kv-parallel", ()),
+    "kv-parallel 4x1": (4, 4, 1, "kv-parallel", ()),
+    "one device, 2 KV groups": (2, None, None, None, ()),
+    "kv-parallel 2x2, 2 KV groups": (2, 2, 2, "kv-parallel", ()),
+    # the q/k norms run on the slices, before the gather to whole heads
+    "one device, q/k norms": (4, None, None, None, QK_NORM),
+    "kv-parallel 2x2, q/k norms": (4, 2, 2, "kv-parallel", QK_NORM),
 }
 
 
-def _argv(groups, m, n, mode):
-    argv = MODEL + ["--num-query-groups", str(groups)]
+def _argv(groups, m, n, mode, flags):
+    argv = MODEL + ["--num-query-groups", str(groups), *flags]
     if m is not None:
         argv += ["--helix-m", str(m), "--helix-n", str(n), "--helix-decode", mode]
     return argv
@@ -75,13 +79,14 @@ def _generate(argv):
 
 def _world(rank, world_size):
     results = {name: _generate(_argv(*run)) for name, run in RUNS.items()}
-    reference = {4: results["one device"], 2: results["one device, 2 KV groups"]}
+    reference = {(groups, flags): results[name]
+                 for name, (groups, m, _, _, flags) in RUNS.items() if m is None}
     errors = {}
-    for name, (groups, m, _, _) in RUNS.items():
+    for name, (groups, m, _, _, flags) in RUNS.items():
         if m is None:
             continue
         steps, chosen, _ = results[name]
-        ref_steps, ref_chosen, _ = reference[groups]
+        ref_steps, ref_chosen, _ = reference[groups, flags]
         errors[name] = (max((a - b).abs().max().item() for a, b in zip(steps, ref_steps)),
                         torch.equal(chosen, ref_chosen))
     return {"errors": errors, "caches": {name: r[2] for name, r in results.items()}}
@@ -110,7 +115,7 @@ def test_cache_per_rank_is_one_over_m_n_of_one_device(measured, name):
     from megatron_helix.perf.layouts import ParallelLayout
     from megatron_helix.perf.memory import kv_cache_bytes
 
-    groups, m, n, mode = RUNS[name]
+    groups, m, n, mode, _ = RUNS[name]
     # [max_seq, b, G/n, d/m] on the slice path; [ceil(max_seq/m), b, G/n, d] kv-parallel
     expected = ((SEQ, BATCH, groups // n, HEAD_DIM // m) if mode == "slices"
                 else (-(-SEQ // m), BATCH, groups // n, HEAD_DIM))
