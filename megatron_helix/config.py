@@ -40,11 +40,20 @@ class HelixTransformerConfig(TransformerConfig):
         sequence_parallel = self.sequence_parallel
         if self.expert_tensor_parallel_size is None:
             self.expert_tensor_parallel_size = tp  # Megatron's default, from the real size
+        # megatron-core 0.19 derives gtp_weight_remat_size = tensor_parallel_num_weight_shards
+        # // TP in __post_init__; the shard count (TP x 1 from Megatron-LM's args) is swapped
+        # with TP so that stays 1 instead of becoming m.
+        shards = getattr(self, "tensor_parallel_num_weight_shards", None)
         self.tensor_model_parallel_size = tp // self.helix_m
         self.sequence_parallel = sequence_parallel and self.tensor_model_parallel_size > 1
+        if shards is not None:
+            self.tensor_parallel_num_weight_shards = shards // self.helix_m
         super().__post_init__()
         self.tensor_model_parallel_size = tp
         self.sequence_parallel = sequence_parallel
+        if hasattr(self, "tensor_parallel_num_weight_shards"):
+            self.tensor_parallel_num_weight_shards = (
+                shards if shards is not None else tp * self.gtp_weight_remat_size)
 
     def _check_helix_layout(self, tp: int, groups: int) -> None:
         """The helix rules Megatron's own checks would report in plain-TP terms (or not at
