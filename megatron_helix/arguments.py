@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 
 from megatron_helix.attention.decode_mode import DECODE_MODES
 from megatron_helix.attention.strategy import STRATEGIES
+from megatron_helix.attention.unsupported_features import unsupported_attention_features
 from megatron_helix.checkpoint_record import check_checkpoint_to_load, mark_standard_layout
 from megatron_helix.layerwise import LayerwisePlanError, StagePlan, parse_budget, plan_from_args
 from megatron_helix.layout import rope_pairing
@@ -127,7 +128,6 @@ def rope_pairing_from_args(args: argparse.Namespace) -> str:
 # (attribute, flag, why). Set means anything but Megatron's default (None / False).
 _INCOMPATIBLE = (
     ("use_legacy_models", "--use-legacy-models", "helix attention is a megatron-core spec"),
-    ("multi_latent_attention", "--multi-latent-attention", "MLA has its own projections"),
     ("experimental_attention_variant", "--experimental-attention-variant",
      "it replaces the attention spec"),
     ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path",
@@ -138,7 +138,6 @@ _INCOMPATIBLE = (
     ("hierarchical_context_parallel_sizes", "--hierarchical-context-parallel-sizes",
      "the helix ring is one flat context-parallel group"),
     ("sft", "--sft", "its packed sequences (THD) have no helix attention"),
-    ("attention_output_gate", "--attention-output-gate", "the helix attention has no output gate"),
 )
 
 def _attention_errors(args: argparse.Namespace) -> List[str]:
@@ -147,6 +146,9 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
         f"{flag} cannot be combined with helix attention: {why}"
         for attr, flag, why in _INCOMPATIBLE
         if getattr(args, attr, None) not in (None, False)
+    ] + [
+        f"{feature} cannot be combined with helix attention"
+        for feature in unsupported_attention_features(args)
     ]
     if getattr(args, "transformer_impl", "local") == "inference_optimized":
         problems.append(

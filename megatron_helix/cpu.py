@@ -1,9 +1,9 @@
-"""Run megatron-core 0.16.x on CPU ranks (gloo): the support code for tests and the demo.
+"""Run megatron-core (0.16.1 through 0.19.x) on CPU ranks (gloo): the support code for tests and the demo.
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the math:
 ``torch.cuda.current_device()`` used as a device, ``device="cuda"`` bookkeeping tensors in the
 pipeline schedules, optimizer and gradient clipping, the CUDA-type assertion of gradient
-clipping, ``torch.cuda.synchronize()`` in p2p, the MoE all-to-all dispatcher's side stream, an
+clipping, ``torch.cuda.synchronize()`` in p2p, the gradient buffer's stream waits, the MoE all-to-all dispatcher's side stream, an
 unimported name in the MoE utilities, and the RNG tracker, which keeps *device* generator
 states (on CPU the device generator is the CPU's, so forks, attention dropout and activation
 recomputation behave as on a GPU). ``enable_cpu_execution()`` redirects exactly those, once,
@@ -40,6 +40,7 @@ def enable_cpu_execution() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _redirect_cuda_factories()
+    _give_the_gradient_buffer_the_cpu_stream()
     _route_default_causal_mask_to_cpu()
     _define_missing_moe_gemm_name()
     _allow_sequence_parallel_torch_norm()
@@ -135,6 +136,15 @@ def _redirect_cuda_factories() -> None:
 
     for module in (schedules, optimizer, clip_grads, moe_utils, utils):
         module.torch = CpuTorch()
+
+
+def _give_the_gradient_buffer_the_cpu_stream() -> None:
+    """The gradient buffer waits on ``torch.cuda.current_stream()`` when it starts and
+    finishes a gradient sync (megatron-core 0.19; 0.16.1 asks only when overlapping): on CPU
+    every wait is on the one stream, where work is done when it is issued."""
+    from megatron.core.distributed import param_and_grad_buffer
+
+    param_and_grad_buffer.torch = CpuTorch(cuda=CpuCuda())
 
 
 @contextlib.contextmanager

@@ -171,12 +171,12 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron_helix import compat
 
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    batch = get_batch_on_this_cp_rank(batch)
+    batch = compat.get_batch_on_this_cp_rank(batch)
     output = model(
         batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
     )

@@ -56,7 +56,10 @@ def megatron_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-size", default=None)
     parser.add_argument("--softmax-type", default="vanilla")
     parser.add_argument("--sft", action="store_true")
-    parser.add_argument("--attention-output-gate", action="store_true")
+    for flag in ("--attention-output-gate", "--qk-l2-norm", "--qk-clip",
+                 "--log-max-attention-logit", "--batch-invariant-mode", "--use-mup"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--flash-attention-version", type=int, default=None)
     for flag in ("--save", "--load", "--pretrained-checkpoint"):
         parser.add_argument(flag, default=None)
     parser.add_argument("--ckpt-format", default="torch_dist",
@@ -246,7 +249,7 @@ def test_rope_pairing():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--multi-latent-attention"], "--multi-latent-attention cannot be combined"),
+    (["--multi-latent-attention"], "--multi-latent-attention (MLA has its own projections) cannot"),
     (["--mtp-num-layers", "1"], "--mtp-num-layers cannot be combined"),
     (["--transformer-impl", "inference_optimized"], "inference_optimized has no helix spec"),
     (["--spec", "my.module", "my_spec"], "--spec my.module my_spec would replace"),
@@ -269,7 +272,14 @@ def test_features_helix_attention_cannot_build(argv, message):
      "--softmax-type off-by-one: helix attention supports vanilla softmax"),
     (["--helix-n", "2", "--sft"], "--sft cannot be combined with helix attention"),
     (["--helix-n", "2", "--attention-output-gate"],
-     "--attention-output-gate cannot be combined with helix attention"),
+     "--attention-output-gate (the helix attention has no output gate) cannot be combined"),
+    (["--helix-n", "2", "--qk-l2-norm"], "--qk-l2-norm (the head-dim-sliced q/k norm"),
+    (["--helix-n", "2", "--qk-clip"], "--qk-clip (QK-clip rescales linear_qkv rows"),
+    (["--helix-n", "2", "--log-max-attention-logit"], "--log-max-attention-logit (the helix"),
+    (["--helix-n", "2", "--batch-invariant-mode"], "--batch-invariant-mode (the helix block"),
+    (["--helix-n", "2", "--flash-attention-version", "3"],
+     "--flash-attention-version (the helix block kernels choose their own kernel"),
+    (["--helix-n", "2", "--use-mup"], "--use-mup (muP has not been tested"),
 ])
 def test_run_time_refusals_are_argument_errors(argv, message):
     assert message in problems(*SEED000, *argv, world_size=None)

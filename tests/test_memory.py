@@ -46,9 +46,8 @@ def _measure(argv):
     from megatron.core import parallel_state as mpu
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
-    from megatron_helix import trainer
+    from megatron_helix import compat, trainer
     from megatron_helix.perf.memory import measure_saved_activations, measure_training_state
     from megatron_helix.synthetic_data import SuccessorTableData
 
@@ -58,7 +57,7 @@ def _measure(argv):
         config = trainer.transformer_config(args, torch.float32)
         model = trainer.build_model(args, config)
         data = SuccessorTableData(VOCAB, SEQ, seed=1)
-        batch = get_batch_on_this_cp_rank(data.micro_batch(0, 0, MICRO))
+        batch = compat.get_batch_on_this_cp_rank(data.micro_batch(0, 0, MICRO))
         params = list(model.parameters())
 
         def forward():

@@ -263,8 +263,8 @@ def _module_checks(rank, world):
     from megatron.core import parallel_state
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
+    from megatron_helix import compat
     from megatron_helix.attention.ring_core_attention import RingDotProductAttention
     from megatron_helix.cpu import enable_cpu_execution
 
@@ -283,7 +283,7 @@ def _module_checks(rank, world):
     parallel_state.initialize_model_parallel(context_parallel_size=world)
     tokens = torch.arange(seq).repeat(BATCH, 1)  # [b, s], as Megatron's batches are
     results["megatron_split"] = torch.equal(
-        get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"],
+        compat.get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"],
         zigzag_shard(tokens, rank, world, dim=1),
     )
     full = attention_inputs(seq, seq, 4, 2, head_dim=16)

@@ -34,6 +34,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_helix import compat
 from megatron_helix import parallel_state as helix_state
 from megatron_helix.attention.decode_mode import DECODE_MODES, choose_decode_mode
 from megatron_helix.attention.kv_parallel_decode import (
@@ -43,6 +44,7 @@ from megatron_helix.attention.kv_parallel_decode import (
 )
 from megatron_helix.attention.strategy import SliceGroupShape
 from megatron_helix.attention.sliced_norm import NORMALIZATIONS, sliced_head_norm
+from megatron_helix.attention.unsupported_features import unsupported_attention_features
 from megatron_helix.checkpoint import standard_layout_factory
 from megatron_helix.layout import HelixLayout, rope_pairing
 
@@ -126,6 +128,8 @@ class HelixSelfAttention(SelfAttention):
         pg_collection=None,
         position_embedding_type: str = "rope",
         decode_mode: str = "auto",
+        pp_layer_offset: Optional[int] = None,
+        name: Optional[str] = None,
     ):
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"--helix-decode {decode_mode!r} not in {DECODE_MODES}")
@@ -141,6 +145,7 @@ class HelixSelfAttention(SelfAttention):
             super().__init__(
                 config, submodules, layer_number, attn_mask_type=attn_mask_type,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+                **compat.self_attention_kwargs(pp_layer_offset=pp_layer_offset, name=name),
             )
         self._use_helix_sizes()
         dims = self.helix_layout.slice_dims(helix_state.get_helix_slice_rank())
@@ -355,12 +360,7 @@ def _refuse_unsupported(config: TransformerConfig, submodules: SelfAttentionSubm
         problems.append(f"--qk-layernorm with --normalization {config.normalization} at "
                         f"--helix-m {m} (the head-dim-sliced q/k norm supports "
                         f"{' and '.join(NORMALIZATIONS)})")
-    if config.attention_output_gate:
-        problems.append("the attention output gate")
-    if config.fused_single_qkv_rope:
-        problems.append("fused single QKV RoPE")
-    if config.multi_latent_attention:
-        problems.append("multi-latent attention")
+    problems += unsupported_attention_features(config)
     if problems:
         raise ValueError(
             f"helix attention (--helix-m {m}) does not support: " + "; ".join(problems)
