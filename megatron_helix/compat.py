@@ -14,6 +14,10 @@ Python 3.12). Between them, three internals it calls changed shape:
 
 Each difference is decided once, by probing the installed function, not by comparing version
 numbers, so a patch release that backports a change is handled as well.
+
+The second section, at the end, does the same for Megatron-LM's training package (the
+``megatron/training`` of a Megatron-LM tree: tags core_v0.16.1 and core_v0.19.0), whose entry
+points ``megatron_helix.launch`` and ``megatron_helix.megatron_lm_cpu`` wrap.
 """
 
 from __future__ import annotations
@@ -90,3 +94,105 @@ def get_batch_on_this_cp_rank(batch: Dict[str, object]) -> Dict[str, object]:
     if "is_hybrid_cp" in _parameters(split):
         return split(batch, False, cp_group=group)
     return split(batch, cp_group=group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM (the training package beside megatron-core: megatron/training/, pretrain_gpt.py)
+#
+# patches/ supports two Megatron-LM tags, one per megatron-core release line. Between them the
+# training entry points moved; ``megatron_helix.launch`` (in-memory hooks on an unpatched tree)
+# and ``megatron_helix.megatron_lm_cpu`` (the CPU mode) wrap names in the modules below:
+#
+# - core_v0.16.1: ``initialize.initialize_megatron`` parses and validates the arguments with
+#   ``parse_args`` / ``validate_args`` it imported from ``arguments``; the config builder
+#   ``core_transformer_config_from_args`` lives in ``arguments``.
+# - core_v0.19.0: ``pretrain_gpt.py`` calls ``arguments.parse_and_validate_args``, which calls
+#   ``arguments``' own ``parse_args`` / ``validate_args``; ``initialize_megatron`` no longer
+#   parses. ``core_transformer_config_from_args`` moved to ``argument_utils`` (``arguments``
+#   re-exports it) and ``gpt_config_from_args`` there builds the model config.
+#   ``training.set_jit_fusion_options`` takes ``tp_size``.
+#
+# The modules are found by probing the imported tree, so a tree is handled by its layout, not
+# its version string. Import megatron.training only inside the functions: the tree's directory
+# must be on sys.path first.
+
+#: The vendored Megatron-LM tag tested with each megatron-core release line (major, minor).
+MEGATRON_LM_TAGS: Dict[Tuple[int, int], str] = {
+    (0, 16): "core_v0.16.1",
+    (0, 19): "core_v0.19.0",
+}
+
+
+def megatron_lm_tag(version: Tuple[int, int, int] = MCORE_VERSION) -> str:
+    """The Megatron-LM tag whose ``megatron/training`` matches megatron-core ``version``."""
+    try:
+        return MEGATRON_LM_TAGS[version[:2]]
+    except KeyError:
+        known = ", ".join(f"{major}.{minor}.x -> {tag}"
+                          for (major, minor), tag in MEGATRON_LM_TAGS.items())
+        raise RuntimeError(
+            f"no Megatron-LM tag is supported for megatron-core "
+            f"{'.'.join(map(str, version))}: {known}"
+        ) from None
+
+
+def megatron_lm_argument_modules():
+    """The modules whose global ``parse_args`` / ``validate_args`` the training entry calls.
+
+    core_v0.16.1: ``initialize`` (its own imports of both). core_v0.19.0: ``arguments`` (its
+    ``parse_and_validate_args`` calls them); ``inprocess_restart`` and ``ft_integration`` call
+    ``arguments.parse_args`` on both, so ``arguments`` is the parse site everywhere.
+
+    Returns ``(parse_sites, validate_site)``.
+    """
+    from megatron.training import arguments, initialize
+
+    if hasattr(initialize, "validate_args"):  # core_v0.16.1
+        return (arguments, initialize), initialize
+    return (arguments,), arguments
+
+
+def megatron_lm_config_modules():
+    """The modules whose ``core_transformer_config_from_args`` builds GPT configs: where it is
+    defined (``gpt_config_from_args`` calls it there on core_v0.19.0) and ``arguments``, which
+    scripts import it from."""
+    import importlib
+
+    from megatron.training import arguments
+
+    function = getattr(arguments, "core_transformer_config_from_args", None)
+    if function is None:  # another release: megatron_helix.launch names what is missing
+        return (arguments,)
+    home = importlib.import_module(function.__module__)
+    return (home,) if home is arguments else (home, arguments)
+
+
+#: Megatron-LM modules that make CUDA bookkeeping tensors, streams or device calls in the
+#: training loop, for the CPU mode. core_v0.19.0 split ``training/utils.py`` into a package
+#: (the functions live in ``utils.common_utils``) and moved the DDP wrapping, with its side
+#: stream and ``module.cuda(...)``, to ``training/models/dist_utils.py``.
+_MEGATRON_LM_CUDA_MODULES = (
+    "megatron.training.initialize",
+    "megatron.training.training",
+    "megatron.training.checkpointing",
+    "megatron.training.utils",
+    "megatron.training.utils.common_utils",  # core_v0.19.0
+    "megatron.training.models.dist_utils",  # core_v0.19.0
+    "megatron.core.rerun_state_machine",
+)
+
+
+def megatron_lm_cuda_modules():
+    """Those of ``_MEGATRON_LM_CUDA_MODULES`` the imported tree has, imported."""
+    import importlib
+    import importlib.util
+
+    found = []
+    for name in _MEGATRON_LM_CUDA_MODULES:
+        try:
+            present = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent is a module, not a package (core_v0.16.1 utils)
+            present = False
+        if present:
+            found.append(importlib.import_module(name))
+    return tuple(found)

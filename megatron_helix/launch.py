@@ -5,20 +5,25 @@
 
 The script runs as ``__main__`` exactly as ``python pretrain_gpt.py`` would (its directory first
 on ``sys.path``, so its own ``megatron`` package is imported), after ``install_hooks()`` has
-wrapped the points of Megatron-LM core_v0.16.1 that ``patches/`` edits:
+wrapped the points of Megatron-LM (core_v0.16.1 or core_v0.19.0) that ``patches/`` edits:
 
-- ``megatron.training.initialize.parse_args`` (and ``megatron.training.arguments.parse_args``,
-  which the early fault-tolerance and in-process-restart parses call, so ``--help`` lists the
-  helix flags) gets ``helix_args_provider`` chained after the script's own provider;
-- ``initialize.validate_args`` runs ``apply_helix_args`` first, then points ``args.spec`` at
-  the helix layer spec, which Megatron's ``--spec`` lookup (``vars(module)[name]`` on
-  ``launched_layer_spec`` below) hands to ``gpt_builders`` unchanged;
+- ``parse_args`` (in ``megatron.training.arguments``, which the early fault-tolerance and
+  in-process-restart parses call, so ``--help`` lists the helix flags, and on core_v0.16.1
+  also ``initialize``'s copy) gets ``helix_args_provider`` chained after the script's own;
+- ``validate_args`` (``initialize``'s on core_v0.16.1, ``arguments``' on core_v0.19.0, where
+  ``parse_and_validate_args`` calls it) runs ``apply_helix_args`` first, then points
+  ``args.spec`` at the helix layer spec, which Megatron's ``--spec`` lookup
+  (``vars(module)[name]`` on ``launched_layer_spec`` below) hands to the model builder
+  (``gpt_builders``, or ``argument_utils.gpt_config_from_args`` on core_v0.19.0) unchanged;
 - ``initialize._set_random_seed`` is followed by ``initialize_helix_from_args``;
-- ``megatron.training.arguments.core_transformer_config_from_args`` builds the config with
-  ``helix_config_class`` (before the script's ``from ... import`` binds the name).
+- ``core_transformer_config_from_args`` (where it is defined, and ``arguments``' name for it)
+  builds the config with ``helix_config_class`` (before the script's ``from ... import`` binds
+  the name).
 
-``initialize_megatron`` looks these names up in its module at call time, which is what makes
-this work without editing files; it is also why the launcher is tied to one release.
+Megatron-LM looks these names up in their modules at call time, which is what makes this work
+without editing files; which modules hold them differs by release
+(``megatron_helix.compat.megatron_lm_argument_modules`` / ``megatron_lm_config_modules``), and
+a tree that has none of them is refused, naming what is missing.
 
 ``--cpu`` (first argument) adds ``megatron_helix.megatron_lm_cpu``, the CPU execution mode for
 tests and demos; it is the only thing the launcher adds to a tree that carries the patch.
@@ -47,8 +52,6 @@ USAGE = "usage: python -m megatron_helix.launch [--cpu] SCRIPT.py [script argume
 launched_layer_spec = None
 LAUNCHED_SPEC = ["megatron_helix.launch", "launched_layer_spec"]
 
-_HOOKED = ("parse_args", "validate_args", "_set_random_seed")
-
 
 def _route_spec_through_megatron(args: argparse.Namespace) -> None:
     """Point ``args.spec`` at the helix spec so an unmodified ``gpt_builders`` builds it."""
@@ -73,21 +76,31 @@ def install_hooks() -> None:
         RuntimeError: the tree already carries the patch (the flags would be added twice), or
             lacks a hooked name (another release: use or port ``patches/``).
     """
-    from megatron.training import arguments, initialize
+    from megatron.training import initialize
+
+    from megatron_helix import compat  # imports megatron.core: the tree's, once on sys.path
 
     if is_patched():
         raise RuntimeError(
             "this Megatron-LM tree already carries the megatron_helix patch: run the script "
             "directly instead of through megatron_helix.launch"
         )
-    missing = [name for name in _HOOKED if not hasattr(initialize, name)]
+    parsing, validating = compat.megatron_lm_argument_modules()
+    configs = compat.megatron_lm_config_modules()
+    wanted = [(module, "parse_args") for module in parsing]
+    wanted += [(validating, "validate_args"), (initialize, "_set_random_seed")]
+    wanted += [(module, "core_transformer_config_from_args") for module in configs]
+    missing = [f"{module.__name__}.{name}" for module, name in wanted
+               if not hasattr(module, name)]
     if missing:
         raise RuntimeError(
-            f"megatron.training.initialize has no {', '.join(missing)}: megatron_helix.launch "
-            f"hooks Megatron-LM core_v0.16.1; for another release port patches/ "
-            f"(see patches/README.md)"
+            f"this Megatron-LM tree has no {', '.join(missing)}: megatron_helix.launch hooks "
+            f"Megatron-LM {' and '.join(compat.MEGATRON_LM_TAGS.values())}; for another "
+            f"release port patches/ (see patches/README.md)"
         )
-    parse, validate, seed = (getattr(initialize, name) for name in _HOOKED)
+    parse = parsing[0].parse_args
+    validate, seed = validating.validate_args, initialize._set_random_seed
+    build_config = configs[0].core_transformer_config_from_args
 
     def parse_args(extra_args_provider=None, ignore_unknown_args=False):
         return parse(helix_args_provider(extra_args_provider), ignore_unknown_args)
@@ -104,14 +117,14 @@ def install_hooks() -> None:
 
         initialize_helix_from_args(get_args())
 
-    build_config = arguments.core_transformer_config_from_args
-
     def core_transformer_config_from_args(args, config_class=None):
         return build_config(args, config_class or helix_config_class(args))
 
-    arguments.parse_args = initialize.parse_args = parse_args
-    arguments.core_transformer_config_from_args = core_transformer_config_from_args
-    initialize.validate_args = validate_args
+    for module in parsing:
+        module.parse_args = parse_args
+    for module in configs:
+        module.core_transformer_config_from_args = core_transformer_config_from_args
+    validating.validate_args = validate_args
     initialize._set_random_seed = set_random_seed
 
 

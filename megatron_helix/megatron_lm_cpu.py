@@ -5,15 +5,15 @@ Megatron-LM's own ``pretrain_gpt.py`` end to end and compare a helix run's loss 
 rank's. ``enable_megatron_lm_cpu_execution()`` refuses to run where CUDA exists, so nothing
 here can reach the GPU path.
 
-Beside the megatron-core points of ``megatron_helix.cpu``, Megatron-LM core_v0.16.1 touches CUDA
-in its training loop where the math does not care:
+Beside the megatron-core points of ``megatron_helix.cpu``, Megatron-LM (core_v0.16.1 and
+core_v0.19.0 alike) touches CUDA in its training loop where the math does not care:
 
 - ``initialize_megatron`` asserts ``torch.cuda.is_available()``; ``_initialize_distributed``
   builds the model-parallel groups and ``_set_random_seed`` seeds the model-parallel RNG only
   when ``torch.cuda.device_count() > 0``, after ``torch.cuda.set_device``;
 - ``_compile_dependencies`` builds the fused kernels with ``nvcc`` (the dataset helpers, which
   are needed, build with the host compiler) and ``set_jit_fusion_options`` warms the fusions up
-  on ``device="cuda"``;
+  on ``device="cuda"`` (core_v0.19.0 passes it ``tp_size``);
 - ``training.py`` and ``utils.py`` make ``device='cuda'`` bookkeeping tensors (loss and grad-norm
   reductions, timers, flags), call ``model.cuda()`` and ``.cuda()`` on every batch, and set up
   DDP on a side CUDA stream; ``validate_args`` asks the GPU's architecture when TP > 1;
@@ -23,7 +23,8 @@ in its training loop where the math does not care:
 Each is redirected below to its CPU meaning: the CPU is "device 0" of one device, ``.cuda()``
 keeps a tensor where it is, streams are the default (CPU) stream, and the CUDA RNG state is
 the CPU generator's (``megatron_helix.cpu``). Settings the CPU cannot honour
-are set in ``CPU_SETTINGS`` with the reason, and printed once.
+are set in ``CPU_SETTINGS`` with the reason, and printed once, just before ``validate_args``
+(wherever the tree calls it from: ``megatron_helix.compat.megatron_lm_argument_modules``).
 """
 
 from __future__ import annotations
@@ -120,14 +121,16 @@ def enable_megatron_lm_cpu_execution() -> None:
             "here: run the script without --cpu"
         )
     enable_cpu_execution()
-    from megatron.core import rerun_state_machine
-    from megatron.training import arguments, checkpointing, initialize, training, utils
+    from megatron.training import arguments, initialize, training
 
-    _view_torch_as_cpu(initialize, training, utils, checkpointing, rerun_state_machine)
+    from megatron_helix.compat import megatron_lm_argument_modules, megatron_lm_cuda_modules
+
+    _view_torch_as_cpu(*megatron_lm_cuda_modules())
     initialize._compile_dependencies = _compile_dataset_helpers_only
-    training.set_jit_fusion_options = lambda: None
+    training.set_jit_fusion_options = lambda *args, **kwargs: None
     arguments.get_device_arch_version = lambda: 0
-    initialize.validate_args = _applying_cpu_settings(initialize.validate_args)
+    _, validating = megatron_lm_argument_modules()
+    validating.validate_args = _applying_cpu_settings(validating.validate_args)
     initialize.initialize_megatron = _allowing_no_cuda(initialize.initialize_megatron)
     training.initialize_megatron = initialize.initialize_megatron
     torch.Tensor.cuda = _keep_on_cpu
