@@ -156,14 +156,15 @@ def megatron_lm_config_modules():
     """The modules whose ``core_transformer_config_from_args`` builds GPT configs: where it is
     defined (``gpt_config_from_args`` calls it there on core_v0.19.0) and ``arguments``, which
     scripts import it from."""
-    import importlib
+    import sys
 
     from megatron.training import arguments
 
-    function = getattr(arguments, "core_transformer_config_from_args", None)
-    if function is None:  # another release: megatron_helix.launch names what is missing
-        return (arguments,)
-    home = importlib.import_module(function.__module__)
+    name = "core_transformer_config_from_args"
+    function = getattr(arguments, name, None)
+    home = sys.modules.get(getattr(function, "__module__", None))
+    if home is None or getattr(home, name, None) is not function:
+        return (arguments,)  # defined here, or absent (the launcher names what is missing)
     return (home,) if home is arguments else (home, arguments)
 
 

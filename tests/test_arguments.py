@@ -415,10 +415,14 @@ def test_megatron_spec_flag_loads_the_te_helix_spec():
 # ------------------------------------------------------------------- launcher hooks
 
 
-@pytest.fixture
-def fake_megatron_lm(monkeypatch):
-    """``megatron.training.{arguments,initialize,global_vars}`` as core_v0.16.1 lays them out:
-    ``initialize`` holds ``parse_args``/``validate_args``/``_set_random_seed`` by name."""
+@pytest.fixture(params=["core_v0.16.1", "core_v0.19.0"])
+def fake_megatron_lm(request, monkeypatch):
+    """``megatron.training.{arguments,initialize,global_vars}`` as each supported tag lays
+    them out. core_v0.16.1: ``initialize`` holds ``parse_args``/``validate_args``/
+    ``_set_random_seed`` by name. core_v0.19.0: ``arguments.parse_and_validate_args`` calls
+    ``arguments``' own ``parse_args``/``validate_args``, and ``core_transformer_config_from_args``
+    lives in ``argument_utils`` (``arguments`` re-exports it). ``parsing`` and ``validating``
+    name the module the entry point calls each from."""
     calls = []
     state = {}
 
@@ -440,21 +444,31 @@ def fake_megatron_lm(monkeypatch):
     def set_random_seed(seed, *rest):
         calls.append(("seed", seed))
 
+    def build_config(args, config_class=None):
+        return ("config", config_class)
+
     training = types.ModuleType("megatron.training")
-    training.arguments = types.ModuleType("megatron.training.arguments")
+    names = ("arguments", "argument_utils", "initialize", "global_vars")
+    for name in names:
+        setattr(training, name, types.ModuleType(f"megatron.training.{name}"))
     training.arguments.parse_args = parse_args
-    training.arguments.core_transformer_config_from_args = (
-        lambda args, config_class=None: ("config", config_class))
-    training.initialize = types.ModuleType("megatron.training.initialize")
-    training.initialize.parse_args = parse_args
-    training.initialize.validate_args = validate_args
     training.initialize._set_random_seed = set_random_seed
-    training.global_vars = types.ModuleType("megatron.training.global_vars")
     training.global_vars.get_args = lambda: state["args"]
-    for name in ("arguments", "initialize", "global_vars"):
+    if request.param == "core_v0.16.1":
+        parsing = validating = training.initialize
+        training.initialize.parse_args = parse_args
+        build_config.__module__ = "megatron.training.arguments"
+    else:
+        parsing = validating = training.arguments
+        build_config.__module__ = "megatron.training.argument_utils"
+        training.argument_utils.core_transformer_config_from_args = build_config
+    validating.validate_args = validate_args
+    training.arguments.core_transformer_config_from_args = build_config
+    for name in names:
         monkeypatch.setitem(sys.modules, f"megatron.training.{name}", getattr(training, name))
     monkeypatch.setitem(sys.modules, "megatron.training", training)
-    return types.SimpleNamespace(training=training, calls=calls, state=state)
+    return types.SimpleNamespace(training=training, calls=calls, state=state, parsing=parsing,
+                                 validating=validating)
 
 
 def test_launcher_hooks_add_flags_apply_them_and_route_the_spec(fake_megatron_lm, spec_calls,
@@ -465,33 +479,34 @@ def test_launcher_hooks_add_flags_apply_them_and_route_the_spec(fake_megatron_lm
     monkeypatch.setattr(launch, "initialize_helix_from_args", initialized.append)
     monkeypatch.setattr(launch, "launched_layer_spec", None)
     launch.install_hooks()
-    init = fake_megatron_lm.training.initialize
+    training = fake_megatron_lm.training
     fake_megatron_lm.state["argv"] = ["--helix-m", "4", "--helix-n", "4"]
 
-    args = init.parse_args(None, False)
-    assert fake_megatron_lm.training.arguments.parse_args is init.parse_args
-    init.validate_args(args, {})
+    args = fake_megatron_lm.parsing.parse_args(None, False)
+    assert training.arguments.parse_args is fake_megatron_lm.parsing.parse_args
+    fake_megatron_lm.validating.validate_args(args, {})
     assert fake_megatron_lm.calls == [("validate", 16)]  # applied before Megatron's checks
     assert args.spec == ["megatron_helix.launch", "launched_layer_spec"]
     assert launch.launched_layer_spec == spec_calls[0]
-    init._set_random_seed(1234)
+    training.initialize._set_random_seed(1234)
     assert fake_megatron_lm.calls[-1] == ("seed", 1234) and initialized == [args]
     from megatron_helix.config import HelixTransformerConfig
 
-    build = fake_megatron_lm.training.arguments.core_transformer_config_from_args
-    assert build(args) == ("config", HelixTransformerConfig)
-    assert build(args, dict) == ("config", dict)  # an explicit class still wins
+    builders = [training.arguments.core_transformer_config_from_args,
+                getattr(training.argument_utils, "core_transformer_config_from_args", None)]
+    for build in filter(None, builders):
+        assert build(args) == ("config", HelixTransformerConfig)
+        assert build(args, dict) == ("config", dict)  # an explicit class still wins
 
 
 def test_launcher_hooks_fail_before_megatron_validates(fake_megatron_lm):
     from megatron_helix import launch
 
     launch.install_hooks()
-    init = fake_megatron_lm.training.initialize
     fake_megatron_lm.state["argv"] = ["--helix-m", "4", "--helix-n", "4",
                                       "--tensor-model-parallel-size", "8"]
     with pytest.raises(HelixConfigError, match="--tensor-model-parallel-size 8 contradicts"):
-        init.validate_args(init.parse_args(), {})
+        fake_megatron_lm.validating.validate_args(fake_megatron_lm.parsing.parse_args(), {})
     assert fake_megatron_lm.calls == []
 
 
@@ -503,7 +518,7 @@ def test_launcher_refuses_a_patched_tree_and_other_releases(fake_megatron_lm):
     with pytest.raises(RuntimeError, match="already carries the megatron_helix patch"):
         launch.install_hooks()
     del init.helix_hooks, init._set_random_seed
-    with pytest.raises(RuntimeError, match="has no _set_random_seed"):
+    with pytest.raises(RuntimeError, match=r"has no megatron\.training\.initialize\._set"):
         launch.install_hooks()
 
 
