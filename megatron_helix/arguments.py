@@ -155,6 +155,13 @@ def _attention_errors(args: argparse.Namespace) -> List[str]:
             "--transformer-impl inference_optimized has no helix spec; use local or "
             "transformer_engine"
         )
+    backend = getattr(args, "attention_backend", None)  # Megatron parses it to an enum
+    if getattr(backend, "name", backend) == "local":
+        problems.append(
+            "--attention-backend local replaces the helix core attention with megatron-core's "
+            "DotProductAttention (Megatron-LM core_v0.19.0's model builder); drop it (the "
+            "helix spec chooses its core attention)"
+        )
     if getattr(args, "moe_layer_freq", 1) not in (1, None):
         problems.append(
             f"--moe-layer-freq {args.moe_layer_freq}: the helix layer spec makes every layer "

@@ -55,6 +55,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cp-comm-type", nargs="+", default=["p2p"])
     parser.add_argument("--window-size", default=None)
     parser.add_argument("--softmax-type", default="vanilla")
+    parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--sft", action="store_true")
     for flag in ("--attention-output-gate", "--qk-l2-norm", "--qk-clip",
                  "--log-max-attention-logit", "--batch-invariant-mode", "--use-mup"):
@@ -253,6 +254,7 @@ def test_rope_pairing():
     (["--mtp-num-layers", "1"], "--mtp-num-layers cannot be combined"),
     (["--transformer-impl", "inference_optimized"], "inference_optimized has no helix spec"),
     (["--spec", "my.module", "my_spec"], "--spec my.module my_spec would replace"),
+    (["--attention-backend", "local"], "--attention-backend local replaces the helix core"),
     (["--position-embedding-type", "mrope"], "--position-embedding-type mrope is not supported"),
     (["--position-embedding-type", "rope", "--rotary-percent", "0.5"],
      "--rotary-percent 0.5 with --helix-m 2"),
