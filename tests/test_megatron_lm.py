@@ -1,5 +1,6 @@
-"""Megatron-LM's own ``pretrain_gpt.py`` (vendored core_v0.16.1, patched) trains every helix
-layout on Megatron's own initialization, and its loss curve equals one rank's.
+"""Megatron-LM's own ``pretrain_gpt.py`` (the vendored tag of the installed megatron-core:
+core_v0.16.1 or core_v0.19.0, ``tests/megatron_lm.py``; patched) trains every helix layout on
+Megatron's own initialization, and its loss curve equals one rank's.
 
 fp32, 5 iterations, mock data, gloo ranks in the CPU mode, ``--use-cpu-initialization`` (Megatron
 draws each full weight and splits it; the helix attention reorders the draw so a rank holds
@@ -20,7 +21,7 @@ import time
 import pytest
 
 from tests.megatron_lm import (
-    ROOT, assert_same_curve, environment, losses, patch, pretrain, unpack,
+    ROOT, assert_same_curve, environment, losses, mend_help, patch, pretrain, unpack,
 )
 
 HEADS_6 = ["--num-attention-heads", "6", "--num-query-groups", "6", "--hidden-size", "48"]
@@ -157,7 +158,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_patched_entry_points_run_without_the_plugin(script, patched):
     env = environment()
     env["PYTHONPATH"] = ""
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_PLUGIN, script], cwd=patched,
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PLUGIN, script],
+                          cwd=mend_help(patched),
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--tensor-model-parallel-size" in proc.stdout
@@ -165,7 +167,8 @@ def test_patched_entry_points_run_without_the_plugin(script, patched):
 
 
 def test_patched_pretrain_gpt_help_lists_the_helix_flags(patched):
-    proc = subprocess.run([sys.executable, "pretrain_gpt.py", "--help"], cwd=patched,
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", "--help"],
+                          cwd=mend_help(patched),
                           capture_output=True, text=True, timeout=300, env=environment())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for flag in ("--helix-m", "--helix-n", "--helix-ring-size", "--helix-score-strategy",

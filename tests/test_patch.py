@@ -1,25 +1,45 @@
-"""``patches/`` and ``megatron_helix.launch`` against Megatron-LM core_v0.16.1's own source.
+"""``patches/`` and ``megatron_helix.launch`` against Megatron-LM's own source.
 
-Every test unpacks the vendored release (``tests/megatron_lm.py``) into its own temporary
-directory; nothing is skipped. Argument validation runs Megatron-LM's own ``parse_args`` /
-``validate_args`` / ``core_transformer_config_from_args``; training runs are in
-``test_megatron_lm.py``.
+Every test unpacks a vendored release (``tests/megatron_lm.py``) into its own temporary
+directory; nothing is skipped. ``apply.sh`` needs only bash and git, so its tests run on every
+supported tag (core_v0.16.1 and core_v0.19.0) in any environment; the tests that import the
+tree run ``TAG``, the tag of the installed megatron-core. Argument validation runs Megatron-LM's
+own ``parse_args`` / ``validate_args`` / ``core_transformer_config_from_args``; training runs
+are in ``test_megatron_lm.py``.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
-from tests.megatron_lm import APPLY, ROOT, TAG, environment, unpack
+from tests.megatron_lm import APPLY, ROOT, TAG, TAGS, environment, mend_help, unpack
 
-PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/initialize.py",
-                 "megatron/training/inprocess_restart.py", "megatron/training/arguments.py")
-NEW_FILES = ("megatron/training/helix_hooks.py",)
+NEW_FILE = "megatron/training/helix_hooks.py"
+
+
+def patch_files(tag: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(edited files, new files) of ``tag``'s patch, read from the patch itself."""
+    text = (APPLY.parent / f"megatron-lm-{tag}.patch").read_text()
+    files = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.M)
+    new = tuple(re.findall(r"^diff --git a/(\S+) b/\S+\nnew file mode", text, flags=re.M))
+    return tuple(name for name in files if name not in new), new
+
+
+def set_version(tree: Path, patch: int) -> str:
+    """Make ``tree``'s package_info.py say another patch level; returns the new version."""
+    info = tree / "megatron/core/package_info.py"
+    text = info.read_text()
+    major, minor, old = (re.search(rf"^{key} = (\d+)$", text, flags=re.M).group(1)
+                         for key in ("MAJOR", "MINOR", "PATCH"))
+    info.write_text(text.replace(f"PATCH = {old}\n", f"PATCH = {patch}\n"))
+    return f"{major}.{minor}.{patch}"
 
 # Parses, applies and validates each command line (one per stdin line) with Megatron-LM's own
 # parse_args / validate_args / core_transformer_config_from_args, in the patched tree.
@@ -67,13 +87,13 @@ def git_checkout(tree: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    """An unmodified core_v0.16.1 tree (for the launcher)."""
+    """An unmodified tree at ``TAG`` (for the launcher)."""
     return unpack(tmp_path_factory.mktemp("pristine"))
 
 
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
-    """A core_v0.16.1 tree patched by apply.sh."""
+    """A tree at ``TAG`` patched by apply.sh."""
     tree = unpack(tmp_path_factory.mktemp("patched"))
     proc = run("bash", APPLY, tree)
     assert proc.returncode == 0, proc.stderr
@@ -83,46 +103,67 @@ def patched(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------ apply.sh
 
 
-def test_applies_cleanly_and_the_patched_files_compile(tmp_path):
-    tree = unpack(tmp_path)
+@pytest.mark.parametrize("tag", TAGS)
+def test_applies_cleanly_and_the_patched_files_compile(tag, tmp_path):
+    tree = unpack(tmp_path, tag)
     proc = run("bash", APPLY, tree)
     assert proc.returncode == 0, proc.stderr
-    assert "patched source tree of megatron-core 0.16.1" in proc.stdout
-    for name in (*PATCHED_FILES, *NEW_FILES):
+    assert "patched source tree of megatron-core" in proc.stdout
+    assert f"({tag}) in {tree} with megatron-lm-{tag}.patch" in proc.stdout
+    edited, new = patch_files(tag)
+    assert new == (NEW_FILE,) and "pretrain_gpt.py" in edited
+    for name in (*edited, *new):
         assert name in proc.stdout
-    compiled = run(sys.executable, "-m", "py_compile",
-                   *(tree / f for f in (*PATCHED_FILES, *NEW_FILES)))
+    compiled = run(sys.executable, "-m", "py_compile", *(tree / f for f in (*edited, *new)))
     assert compiled.returncode == 0, compiled.stderr
 
 
-def test_refuses_a_second_application(patched):
-    before = (patched / "megatron/training/initialize.py").read_text()
-    proc = run("bash", APPLY, patched)
-    assert proc.returncode == 1 and "already applied" in proc.stderr
-    assert (patched / "megatron/training/initialize.py").read_text() == before
-
-
-def test_refuses_a_git_checkout_at_another_commit(tmp_path):
-    tree = git_checkout(unpack(tmp_path))
+@pytest.mark.parametrize("tag", TAGS)
+def test_refuses_a_second_application(tag, tmp_path):
+    tree = unpack(tmp_path, tag)
+    assert run("bash", APPLY, tree).returncode == 0
+    before = (tree / "megatron/training/initialize.py").read_text()
     proc = run("bash", APPLY, tree)
-    assert proc.returncode == 1 and f"not {TAG}" in proc.stderr
+    assert proc.returncode == 1 and "already applied" in proc.stderr
+    assert (tree / "megatron/training/initialize.py").read_text() == before
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_refuses_a_git_checkout_at_another_commit(tag, tmp_path):
+    tree = git_checkout(unpack(tmp_path, tag))
+    proc = run("bash", APPLY, tree)
+    assert proc.returncode == 1 and "not a supported tag" in proc.stderr
+    assert all(supported in proc.stderr for supported in TAGS)
     assert git(tree, "status", "--porcelain") == ""
 
 
-def test_refuses_a_tree_that_differs_or_is_another_release(tmp_path):
-    tree = unpack(tmp_path / "edited")
+@pytest.mark.parametrize("tag", TAGS)
+def test_refuses_a_tree_that_differs_or_is_another_release(tag, tmp_path):
+    tree = unpack(tmp_path / "edited", tag)
     builders = tree / "gpt_builders.py"
     builders.write_text("# a fork\n" + builders.read_text())
     proc = run("bash", APPLY, tree)
-    assert proc.returncode == 1 and "gpt_builders.py differs from core_v0.16.1's" in proc.stderr
+    assert proc.returncode == 1 and f"gpt_builders.py differs from {tag}'s" in proc.stderr
     assert builders.read_text().startswith("# a fork")
 
-    older = unpack(tmp_path / "older")
-    info = older / "megatron/core/package_info.py"
-    info.write_text(info.read_text().replace("PATCH = 1", "PATCH = 0"))
+    older = unpack(tmp_path / "older", tag)
+    version = set_version(older, 0)  # 0.16.0, 0.19.0: neither is a supported tag's
     proc = run("bash", APPLY, older)
-    assert proc.returncode == 1 and "says '0.16.0', not 0.16.1" in proc.stderr
-    assert not (older / NEW_FILES[0]).exists()
+    assert proc.returncode == 1 and f"says '{version}', not one of" in proc.stderr
+    assert not (older / NEW_FILE).exists()
+
+
+def test_refuses_a_tree_whose_version_names_another_tag(tmp_path):
+    """A core_v0.19.0 tree claiming 0.16.1 is checked against core_v0.16.1's files, and
+    refused: the version only chooses which tag's blob ids must match."""
+    newer, older = TAGS[-1], TAGS[0]
+    tree = unpack(tmp_path, newer)
+    set_version(tree, 1)
+    info = tree / "megatron/core/package_info.py"
+    info.write_text(info.read_text().replace("MINOR = 19", "MINOR = 16"))
+    proc = run("bash", APPLY, tree)
+    assert proc.returncode == 1 and f"differs from {older}'s" in proc.stderr
+    assert not (tree / NEW_FILE).exists()
 
 
 def test_refuses_what_is_not_megatron_lm(tmp_path):
@@ -169,8 +210,8 @@ def test_recipes_pass_megatron_validation(patched):
 
 
 def test_launcher_help_lists_the_helix_flags(pristine):
-    proc = run(sys.executable, "-m", "megatron_helix.launch", pristine / "pretrain_gpt.py",
-               "--help")
+    proc = run(sys.executable, "-m", "megatron_helix.launch",
+               mend_help(pristine) / "pretrain_gpt.py", "--help")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for flag in ("--helix-m", "--helix-n", "--helix-ring-size", "--helix-score-strategy",
                  "--helix-layerwise", "--helix-cache-budget"):
