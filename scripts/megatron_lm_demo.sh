@@ -4,11 +4,12 @@
 # (CPU) initialization. Prints both loss curves; exits non-zero if they differ by more than
 # 1e-5 relative.
 #
-# usage: scripts/megatron_lm_demo.sh MEGATRON_LM_DIR     (a core_v0.16.1 tree, patched or not)
+# usage: scripts/megatron_lm_demo.sh MEGATRON_LM_DIR     (a core_v0.16.1 or core_v0.19.0 tree,
+#                                                         the one matching megatron-core; patched or not)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -eq 1 && -f "$1/pretrain_gpt.py" ]] || {
-    echo "usage: $0 MEGATRON_LM_DIR (a Megatron-LM core_v0.16.1 tree)" >&2; exit 2; }
+    echo "usage: $0 MEGATRON_LM_DIR (a Megatron-LM core_v0.16.1 or core_v0.19.0 tree)" >&2; exit 2; }
 source scripts/env.sh
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=1
 read -r -a tiny <<<"$(tr '\n' ' ' <examples/tiny_gpt.args)"

@@ -8,7 +8,8 @@
 # and calls `run_recipe LAYOUT`.
 #
 # Environment:
-#   MEGATRON_LM_DIR   Megatron-LM checkout at core_v0.16.1 (required)
+#   MEGATRON_LM_DIR   Megatron-LM checkout at core_v0.16.1 or core_v0.19.0 (required; the tag of
+#                     the installed megatron-core line, 0.16.x or 0.19.x)
 #   LAUNCH            patched  (default: pretrain_gpt.py of a tree patched by patches/apply.sh)
 #                     launcher (unmodified tree, run through python -m megatron_helix.launch)
 #   NODE_RANK, MASTER_ADDR  required for a real run; MASTER_PORT (default 6000)
@@ -77,7 +78,7 @@ _cpu_twin() {
 }
 
 run_recipe() {
-    : "${MEGATRON_LM_DIR:?set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout}"
+    : "${MEGATRON_LM_DIR:?set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 or core_v0.19.0 checkout}"
     if [[ "${CPU_TWIN:-0}" == 1 ]]; then
         _cpu_twin "${1:-}"
     else
