@@ -47,13 +47,15 @@ refuse() {
     exit 1
 }
 
-# "core_v0.16.1 (55ac708…), core_v0.19.0 (5be9626…)" or, with an argument naming a table,
-# "0.16.1 (core_v0.16.1), ...": what would have been accepted, for the refusals.
+# What would have been accepted, for the refusals: `supported commits` lists
+# "core_v0.16.1 (55ac…), core_v0.19.0 (5be9…)", `supported versions` "0.16.1 (core_v0.16.1), ...".
 supported() {
     local tag out=""
     for tag in "${TAGS[@]}"; do
-        if [[ $# -eq 0 ]]; then out+="${out:+, }$tag (${TAG_COMMIT[$tag]})"
-        else out+="${out:+, }${TAG_VERSION[$tag]} ($tag)"; fi
+        case "$1" in
+            commits) out+="${out:+, }$tag (${TAG_COMMIT[$tag]})" ;;
+            versions) out+="${out:+, }${TAG_VERSION[$tag]} ($tag)" ;;
+        esac
     done
     echo "$out"
 }
@@ -74,7 +76,7 @@ if [[ "$(git -C "$DIR" rev-parse --show-toplevel 2>/dev/null)" == "$DIR" ]]; the
     done
     if [[ -z "$TAG" ]]; then
         at="$(git -C "$DIR" describe --tags --always 2>/dev/null || echo "$head")"
-        refuse "$DIR is at $at, not a supported tag: $(supported); check one of them out" \
+        refuse "$DIR is at $at, not a supported tag: $(supported commits); check one of them out" \
             "('git -C $DIR checkout core_v0.19.0'), or port the patch to that release" \
             "(patches/README.md)"
     fi
