@@ -25,9 +25,10 @@ setup(
     install_requires=[
         # CI runs torch 2.13.0 (scripts/env.sh pins it).
         "torch>=2.5",
-        # Only 0.16.x is supported: the plugin subclasses SelfAttention and uses
-        # parallel_state internals whose signatures change between minor releases.
-        "megatron-core>=0.16.1,<0.17",
+        # The tested range (CI: 0.16.1 on Python 3.11, 0.19.2 on Python 3.12). The plugin
+        # subclasses SelfAttention and calls internals that change between minor releases;
+        # megatron_helix/compat.py holds the differences and refuses other releases.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
     ],
     extras_require={

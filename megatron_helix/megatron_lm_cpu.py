@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -73,26 +73,34 @@ def _view_torch_as_cpu(*modules) -> None:
         module.torch = view
 
 
-def _compile_dataset_helpers_only() -> None:
-    """``_compile_dependencies`` without the CUDA fused kernels: the dataset index helpers
-    (host C++) on rank 0, then a barrier.
+def dataset_helpers_make_command(datasets_dir: str) -> List[str]:
+    """``make`` for Megatron's dataset index helpers in ``datasets_dir`` (a tree's
+    ``megatron/core/datasets``), for the running interpreter.
 
     Megatron's Makefile asks ``python3-config`` and ``python3 -m pybind11`` from ``PATH``, which
     under pyenv or a venv can be another Python than the one running (a tree's
     ``.python-version`` selects it); the extension suffix and include paths are therefore given
-    for the running interpreter.
+    here.
     """
-    import subprocess
-    import sys
     import sysconfig
 
     import pybind11
+
+    includes = f"-I{sysconfig.get_paths()['include']} -I{pybind11.get_include()}"
+    return ["make", "-C", datasets_dir, f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}",
+            f"CPPFLAGS={includes}"]
+
+
+def _compile_dataset_helpers_only() -> None:
+    """``_compile_dependencies`` without the CUDA fused kernels: the dataset index helpers
+    (host C++, ``dataset_helpers_make_command``) on rank 0, then a barrier."""
+    import subprocess
+    import sys
+
     from megatron.core import datasets
 
     if torch.distributed.get_rank() == 0:
-        includes = f"-I{sysconfig.get_paths()['include']} -I{pybind11.get_include()}"
-        command = ["make", "-C", os.path.dirname(os.path.abspath(datasets.__file__)),
-                   f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}", f"CPPFLAGS={includes}"]
+        command = dataset_helpers_make_command(os.path.dirname(os.path.abspath(datasets.__file__)))
         if subprocess.run(command).returncode != 0:
             sys.exit(f"megatron_helix CPU mode: '{' '.join(command)}' failed to build "
                      f"Megatron's dataset helpers")

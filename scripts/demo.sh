@@ -3,7 +3,7 @@
 # same seed, same data; prints both loss curves and their largest difference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+source scripts/env.sh newest
 out="${HELIX_DEMO_DIR:-out/demo}"
 mkdir -p "$out"
 model=(--num-layers 2 --hidden-size 64 --num-attention-heads 8 --seq-length 64

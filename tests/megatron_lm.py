@@ -14,15 +14,23 @@ one its scripts import; the installed one only chooses the tree.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import re
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megatron_helix.compat import MEGATRON_LM_TAGS, megatron_lm_tag
+from megatron_helix.megatron_lm_cpu import dataset_helpers_make_command
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLY = ROOT / "patches" / "apply.sh"
@@ -50,7 +58,29 @@ def unpack(destination: Path, tag: str = TAG) -> Path:
         )
     with tarfile.open(archive) as tar:
         tar.extractall(destination, filter="tar")
-    return destination / f"Megatron-LM-{tag}"
+    tree = destination / f"Megatron-LM-{tag}"
+    _build_dataset_helpers(tree, tag)
+    return tree
+
+
+#: tag -> the dataset helpers library built for it in this session
+_built_helpers: Dict[str, Path] = {}
+
+
+def _build_dataset_helpers(tree: Path, tag: str) -> None:
+    """Give ``tree`` Megatron's compiled dataset index helpers, built once per tag per session.
+
+    Every run compiles them (``make`` in ``megatron/core/datasets``, about 12 s of ``g++ -O3``
+    here) unless the library is newer than ``helpers.cpp``; a copy of the library the same
+    command built from the same source in an earlier tree makes that ``make`` a no-op.
+    """
+    datasets = tree / "megatron" / "core" / "datasets"
+    if tag in _built_helpers:
+        shutil.copy(_built_helpers[tag], datasets)  # a fresh mtime: newer than helpers.cpp
+        return
+    subprocess.run(dataset_helpers_make_command(str(datasets)), check=True,
+                   capture_output=True)
+    _built_helpers[tag] = next(datasets.glob("helpers_cpp*"))
 
 
 def patch(tree: Path) -> Path:
@@ -99,20 +129,91 @@ def pretrain(
 ) -> subprocess.CompletedProcess:
     """``megatron_helix.launch --cpu TREE/SCRIPT TINY_GPT FLAGS`` on ``nproc`` ranks.
 
-    Later flags win, so ``flags`` may override ``TINY_GPT``. The ranks are forked from one
-    process that imported Megatron once (``tests/forked_ranks.py``); with ``log_dir`` they are
-    started by torchrun instead, which keeps every rank's output under
-    ``log_dir/<attempt>/<rank>/``.
+    Later flags win, so ``flags`` may override ``TINY_GPT``."""
+    launch_args = ["--cpu", str(tree / script), *TINY_GPT, "--train-iters", str(iterations),
+                   *flags]
+    return launch(tree, nproc, launch_args, log_dir=log_dir, timeout=timeout)
+
+
+#: tree -> its rank server (tests/forked_ranks.py), started on first use
+_servers: Dict[Path, subprocess.Popen] = {}
+
+
+def _server(tree: Path) -> subprocess.Popen:
+    server = _servers.get(tree)
+    if server is None or server.poll() is not None:
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "forked_ranks.py"), str(tree)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=environment(),
+            cwd=tree,
+        )
+        _servers[tree] = server
+    return server
+
+
+@atexit.register
+def _stop_servers() -> None:
+    for server in _servers.values():
+        server.kill()
+        server.wait()
+
+
+def launch(
+    tree: Path,
+    nproc: int,
+    launch_args: Sequence[str],
+    *,
+    env: Optional[dict] = None,
+    log_dir: Optional[Path] = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node NPROC -m megatron_helix.launch LAUNCH_ARGS`` in ``tree``.
+
+    The ranks are forked from a server that imported Megatron once per tree and session
+    (``tests/forked_ranks.py``), with torchrun's rank environment. With ``log_dir`` every rank
+    also writes its output to ``log_dir/RANK/{stdout,stderr}.log``, as ``torchrun --log-dir``
+    does; the returned output is then all ranks' in rank order. A run past ``timeout`` seconds
+    is killed and raises ``subprocess.TimeoutExpired``.
     """
-    launch = ["--cpu", str(tree / script), *TINY_GPT, "--train-iters", str(iterations), *flags]
-    if log_dir is None:
-        command = [sys.executable, str(ROOT / "tests" / "forked_ranks.py"), str(nproc), *launch]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(nproc), "--log-dir", str(log_dir), "--tee", "3",
-                   "-m", "megatron_helix.launch", *launch]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=environment(), cwd=tree)
+    server = _server(tree)
+    with tempfile.TemporaryDirectory() as scratch:
+        out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
+        request = dict(nproc=nproc, args=list(launch_args), cwd=str(tree),
+                       env=env or environment(), stdout=str(out), stderr=str(err),
+                       log_dir=None if log_dir is None else str(log_dir))
+        server.stdin.write((json.dumps(request) + "\n").encode())
+        pid = _reply(server, "pid", timeout=60)
+        try:
+            status = _reply(server, "status", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pid, signal.SIGKILL)
+            _reply(server, "status", timeout=60)
+            raise
+        stdout, stderr = out.read_text(), err.read_text()
+    if log_dir is not None:
+        for rank in range(nproc):
+            stdout += (log_dir / str(rank) / "stdout.log").read_text()
+            stderr += (log_dir / str(rank) / "stderr.log").read_text()
+    return subprocess.CompletedProcess(["megatron_helix.launch", *launch_args], status,
+                                       stdout, stderr)
+
+
+def _reply(server: subprocess.Popen, key: str, timeout: float) -> int:
+    """The server's next answer line, ``key``'s value; raises if it does not come in time.
+
+    Read byte by byte from the unbuffered pipe, so no answer waits in a buffer ``select``
+    cannot see."""
+    deadline, line = time.monotonic() + timeout, b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([server.stdout], [], [], max(0, deadline - time.monotonic()))
+        if not ready:
+            raise subprocess.TimeoutExpired(server.args, timeout)
+        byte = os.read(server.stdout.fileno(), 1)
+        if not byte:
+            raise RuntimeError(f"the rank server of {server.args[-1]} died "
+                               f"(exit {server.wait()}); its error is in the test's stderr")
+        line += byte
+    return json.loads(line)[key]
 
 
 def losses(proc: subprocess.CompletedProcess) -> List[float]:

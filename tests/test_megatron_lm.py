@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ import time
 import pytest
 
 from tests.megatron_lm import (
-    ROOT, assert_same_curve, environment, losses, mend_help, patch, pretrain, unpack,
+    ROOT, assert_same_curve, environment, launch, losses, mend_help, patch, pretrain,
+    unpack,
 )
 
 HEADS_6 = ["--num-attention-heads", "6", "--num-query-groups", "6", "--hidden-size", "48"]
@@ -138,7 +140,7 @@ def test_impossible_layout_is_refused_on_every_rank_before_any_process_group(
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     for rank in range(4):
-        log = "".join(p.read_text() for p in tmp_path.rglob(f"{rank}/stderr.log"))
+        log = (tmp_path / str(rank) / "stderr.log").read_text()
         assert message in log, f"rank {rank} did not report: {message}\n{log[-3000:]}"
         assert "HelixConfigError" in log
     assert "initializing torch distributed" not in proc.stdout + proc.stderr
@@ -180,10 +182,18 @@ def test_patched_pretrain_gpt_help_lists_the_helix_flags(patched):
 RECIPES = sorted((ROOT / "examples" / "recipes").glob("[a-e]_*.sh"))
 
 
+TWIN_LAUNCHER = ["torchrun", "--standalone", "--nproc-per-node", "4", "-m",
+                 "megatron_helix.launch"]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.name for recipe in RECIPES])
 def test_recipe_cpu_twin_trains_three_iterations(recipe, patched):
-    proc = subprocess.run(["bash", str(recipe), "proposed"], capture_output=True, text=True,
-                          timeout=300, env=environment(CPU_TWIN="1",
-                                                       MEGATRON_LM_DIR=str(patched)))
-    curve = losses(proc)
+    """The recipe's own CPU-twin command (``DRY_RUN=1`` prints it), run on 4 ranks with the
+    environment torchrun would give them."""
+    dry = subprocess.run(["bash", str(recipe), "proposed"], capture_output=True, text=True,
+                         check=True, env=environment(CPU_TWIN="1", DRY_RUN="1",
+                                                     MEGATRON_LM_DIR=str(patched)))
+    command = shlex.split(dry.stdout)
+    assert command[:len(TWIN_LAUNCHER)] == TWIN_LAUNCHER, command
+    curve = losses(launch(patched, 4, command[len(TWIN_LAUNCHER):]))
     assert len(curve) == 3 and all(math.isfinite(loss) for loss in curve), curve
