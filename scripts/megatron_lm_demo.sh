@@ -4,13 +4,20 @@
 # (CPU) initialization. Prints both loss curves; exits non-zero if they differ by more than
 # 1e-5 relative.
 #
-# usage: scripts/megatron_lm_demo.sh MEGATRON_LM_DIR     (a core_v0.16.1 or core_v0.19.0 tree,
-#                                                         the one matching megatron-core; patched or not)
+# usage: scripts/megatron_lm_demo.sh MEGATRON_LM_DIR
+#   (a core_v0.16.1 or core_v0.19.0 tree, patched or not; the environment of the tree's
+#   megatron-core line is activated: mcore016 or mcore019, scripts/env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -eq 1 && -f "$1/pretrain_gpt.py" ]] || {
     echo "usage: $0 MEGATRON_LM_DIR (a Megatron-LM core_v0.16.1 or core_v0.19.0 tree)" >&2; exit 2; }
-source scripts/env.sh
+minor="$(awk '/^MINOR = /{print $3}' "$1/megatron/core/package_info.py" 2>/dev/null || true)"
+case "$minor" in
+    16) source scripts/env.sh mcore016 ;;
+    19) source scripts/env.sh mcore019 ;;
+    *) echo "$0: $1 is megatron-core 0.${minor:-?}: the demo runs core_v0.16.1 or core_v0.19.0" >&2
+       exit 2 ;;
+esac
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=1
 read -r -a tiny <<<"$(tr '\n' ' ' <examples/tiny_gpt.args)"
 curve() {  # NPROC FLAGS... -> one loss per line
