@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
 # Run the test suite on each environment of scripts/env.sh (default: mcore016 and mcore019;
-# HELIX_ENVS="mcore019" runs one). Extra arguments go to pytest. Environments missing on first
-# use are all set up at once, in the background (mostly downloads): the first suite starts as
-# soon as its own environment is ready, while the next one's installs.
+# HELIX_ENVS="mcore019" runs one). Extra arguments go to pytest.
+#
+# Environments missing on first use are set up at once (mostly downloads), and each suite
+# starts as soon as its environment is ready, beside the other: the suites wait on process
+# start-up, rendezvous and I/O about half the time, so on two cores the two together take
+# much less than one after the other. Each suite writes out/test-ENV.log (and its own pytest
+# temporary directory), printed here when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a envs <<<"${HELIX_ENVS:-mcore016 mcore019}"
 mkdir -p out
-declare -A setup
-for env in "${envs[@]}"; do
-    (source scripts/env.sh "$env") >"out/env-$env.log" 2>&1 &
-    setup[$env]=$!
-done
-status=0
-for env in "${envs[@]}"; do
-    if ! wait "${setup[$env]}"; then
-        cat "out/env-$env.log" >&2
-        echo "scripts/test.sh: the $env environment failed to set up" >&2
-        exit 1
+
+suite() {
+    local env="$1"
+    shift
+    if ! (source scripts/env.sh "$env") >"out/env-$env.log" 2>&1; then
+        cat "out/env-$env.log"
+        echo "scripts/test.sh: the $env environment failed to set up"
+        return 1
     fi
-    (
-        source scripts/env.sh "$env"
-        python -c 'import sys, megatron.core, torch
+    source scripts/env.sh "$env"
+    python -c 'import sys, megatron.core, torch
 print("==", sys.argv[1], "| Python", sys.version.split()[0], "| megatron-core",
       megatron.core.__version__, "| torch", torch.__version__, flush=True)' "$env"
-        python -m pytest -q --durations=25 "$@"
-    ) || status=1
+    local basetemp="${TMPDIR:-/tmp}/megatron_helix-pytest-$env-$$"
+    python -m pytest -q -p no:cacheprovider --basetemp "$basetemp" --durations=25 "$@"
+    local status=$?
+    rm -rf "$basetemp"
+    return "$status"
+}
+
+declare -A running
+for env in "${envs[@]}"; do
+    (set +e; suite "$env" "$@") >"out/test-$env.log" 2>&1 &
+    running[$env]=$!
+done
+echo "scripts/test.sh: testing ${envs[*]} (logs: out/test-*.log)"
+status=0
+for env in "${envs[@]}"; do
+    wait "${running[$env]}" || status=1
+    cat "out/test-$env.log"
 done
 exit "$status"
