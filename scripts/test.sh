@@ -3,10 +3,10 @@
 # HELIX_ENVS="mcore019" runs one). Extra arguments go to pytest.
 #
 # Environments missing on first use are set up at once (mostly downloads), and each suite
-# starts as soon as its environment is ready, beside the other: the suites wait on process
-# start-up, rendezvous and I/O about half the time, so on two cores the two together take
-# much less than one after the other. Each suite writes out/test-ENV.log (and its own pytest
-# temporary directory), printed here when it ends.
+# starts as soon as its environment is ready, beside the other: the suites also wait on
+# process start-up, rendezvous and I/O, so on two cores the two together take less than one
+# after the other (a fresh clone here: 18.4 against 20.3 minutes in all). Each suite writes
+# out/test-ENV.log (and uses its own pytest temporary directory), printed here when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a envs <<<"${HELIX_ENVS:-mcore016 mcore019}"
