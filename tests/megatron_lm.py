@@ -58,22 +58,22 @@ def unpack(destination: Path, tag: str = TAG) -> Path:
         )
     with tarfile.open(archive) as tar:
         tar.extractall(destination, filter="tar")
-    tree = destination / f"Megatron-LM-{tag}"
-    _build_dataset_helpers(tree, tag)
-    return tree
+    return destination / f"Megatron-LM-{tag}"
 
 
 #: tag -> the dataset helpers library built for it in this session
 _built_helpers: Dict[str, Path] = {}
 
 
-def _build_dataset_helpers(tree: Path, tag: str) -> None:
-    """Give ``tree`` Megatron's compiled dataset index helpers, built once per tag per session.
+def _build_dataset_helpers(tree: Path) -> None:
+    """Give ``tree`` (an ``unpack``ed tree about to train) Megatron's compiled dataset index
+    helpers, built once per tag per session.
 
     Every run compiles them (``make`` in ``megatron/core/datasets``, about 12 s of ``g++ -O3``
     here) unless the library is newer than ``helpers.cpp``; a copy of the library the same
     command built from the same source in an earlier tree makes that ``make`` a no-op.
     """
+    tag = tree.name.removeprefix("Megatron-LM-")
     datasets = tree / "megatron" / "core" / "datasets"
     if tag in _built_helpers:
         shutil.copy(_built_helpers[tag], datasets)  # a fresh mtime: newer than helpers.cpp
@@ -142,6 +142,7 @@ _servers: Dict[Path, subprocess.Popen] = {}
 def _server(tree: Path) -> subprocess.Popen:
     server = _servers.get(tree)
     if server is None or server.poll() is not None:
+        _build_dataset_helpers(tree)
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "forked_ranks.py"), str(tree)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=environment(),
