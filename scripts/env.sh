@@ -12,6 +12,8 @@
 # another torch. Which build arrives depends on the package index: where a local wheel folder
 # provides torch's CPU build pip takes it, while PyPI's Linux torch is the CUDA build (a few GB;
 # it runs on CPU too). HELIX_TORCH_SPEC picks another torch (e.g. on a GPU box).
+# pip keeps no cache: the downloads (about 3 GB for mcore019) would otherwise take their size
+# again in ~/.cache/pip, and a CI machine's disk may hold one copy and not two.
 
 _helix_python() {  # the command of a Python $1 (e.g. 3.12): on PATH, or one of pyenv's
     if "python$1" -V >/dev/null 2>&1; then
@@ -45,10 +47,10 @@ if [ ! -f "$_helix_stamp" ] || [ "$_helix_root/setup.py" -nt "$_helix_stamp" ]; 
     fi
     echo "setting up $_helix_venv (Python $_helix_py, megatron-core $_helix_mcore) ..." >&2
     $_helix_interpreter -m venv "$_helix_venv" || return 1 2>/dev/null || exit 1
-    "$_helix_venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$_helix_venv/bin/python" -m pip install -q "${HELIX_TORCH_SPEC:-torch==2.13.0}" \
+    "$_helix_venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip >/dev/null
+    "$_helix_venv/bin/python" -m pip install -q --no-cache-dir "${HELIX_TORCH_SPEC:-torch==2.13.0}" \
         || { echo "torch install failed" >&2; return 1 2>/dev/null || exit 1; }
-    "$_helix_venv/bin/python" -m pip install -q "megatron-core==$_helix_mcore" \
+    "$_helix_venv/bin/python" -m pip install -q --no-cache-dir "megatron-core==$_helix_mcore" \
         -e "$_helix_root[test]" \
         || { echo "megatron_helix install failed" >&2; return 1 2>/dev/null || exit 1; }
     touch "$_helix_stamp"
