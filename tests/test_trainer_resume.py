@@ -12,6 +12,7 @@ data-parallel ranks, -> helix (2,2).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -98,7 +99,11 @@ def _killed_save(rank, world_size, directory):
 
     def die(source, target):
         if target.endswith(trainer_checkpoint.TRACKER):
-            os._exit(0)  # the process is gone before the tracker names iteration 6
+            # The process is gone before the tracker names iteration 6. Its children go too
+            # (megatron-core's writer keeps a multiprocessing manager), or they outlive the test.
+            for child in multiprocessing.active_children():
+                child.kill()
+            os._exit(0)
         return original(source, target)
 
     trainer_checkpoint.os.replace = die
