@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, List
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 mp.set_forkserver_preload(["megatron.core", "megatron_helix.trainer", "tests.distributed"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str):
@@ -38,7 +32,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str):
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
     result: Any
@@ -62,7 +56,11 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300) 
 
     ``fn`` must be a module-level function (it is pickled into the ranks by reference).
     """
-    port = _free_port()
+    # The ranks' store lives here, as torchrun's agent holds it: bound to a port of the
+    # kernel's choice for as long as the world runs. A port merely found free and bound later
+    # by rank 0 can be taken in between (the suites of both environments run side by side).
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
     with tempfile.TemporaryDirectory() as out_dir:
         # Through a file, by value: multiprocessing would hand every tensor of ``args`` over as
         # a shared-memory file descriptor, more than a fork server accepts at once.

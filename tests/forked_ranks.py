@@ -5,8 +5,9 @@ and ``megatron.training`` (about 10 s of CPU here), so on two cores a 4-rank lau
 of its time importing the same modules four times. One server per Megatron-LM tree imports
 them once, for the whole test session; for each run it forks a launch process, which forks the
 ranks. Each rank gets the environment torchrun gives a rank (``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and from there runs
-``megatron_helix.launch.main`` exactly as ``torchrun -m megatron_helix.launch`` would.
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and
+``TORCHELASTIC_USE_AGENT_STORE``: the launch process holds the store, as torchrun's agent
+does) and from there runs ``megatron_helix.launch.main`` exactly as ``torchrun -m megatron_helix.launch`` would.
 
 What the server imports is what cannot see the helix hooks: ``megatron.training``'s own modules
 look the hooked names up at call time, while ``gpt_builders`` and the script, which bind the
@@ -30,7 +31,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -53,12 +53,6 @@ _WARM_MODULES = (
 
 def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _warm_up(tree: str) -> None:
@@ -99,17 +93,22 @@ def _exit(status: int) -> None:
     os._exit(status)
 
 
-def _rank(rank: int, nproc: int, port: int, launch_args: List[str],
+def _rank(rank: int, nproc: int, port_pipe: int, launch_args: List[str],
           log_dir: Optional[str]) -> int:
-    """One rank: torchrun's environment, then the launcher; returns the exit status."""
+    """One rank: torchrun's environment, then the launcher; returns the exit status.
+
+    The port of the launch process's store arrives through ``port_pipe``.
+    """
     _die_with_parent()
+    with os.fdopen(port_pipe) as pipe:
+        port = pipe.readline().strip()  # a line: later ranks hold this pipe's write end too
     if log_dir is not None:
         os.makedirs(os.path.join(log_dir, str(rank)), exist_ok=True)
         _redirect(1, os.path.join(log_dir, str(rank), "stdout.log"))
         _redirect(2, os.path.join(log_dir, str(rank), "stderr.log"))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=port, TORCHELASTIC_USE_AGENT_STORE="True")
     from megatron_helix.launch import main
 
     try:
@@ -154,13 +153,26 @@ def _launch(request: Dict) -> None:
     os.dup2(null, 0)
     _redirect(1, request["stdout"])
     _redirect(2, request["stderr"])
-    port = _free_port()
-    children = []
+    children, port_pipes = [], []
     for rank in range(request["nproc"]):
+        read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _exit(_rank(rank, request["nproc"], port, request["args"], request.get("log_dir")))
+            os.close(write)
+            _exit(_rank(rank, request["nproc"], read, request["args"], request.get("log_dir")))
+        os.close(read)
         children.append(pid)
+        port_pipes.append(write)
+    # The ranks' store, as torchrun's agent holds it: bound to a port of the kernel's choice
+    # and held until the ranks end. A port merely found free and bound later by rank 0 can be
+    # taken in between by another process. Made after the forks: the ranks do not inherit the
+    # store's server thread.
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, request["nproc"], is_master=True, wait_for_workers=False)
+    for pipe in port_pipes:
+        os.write(pipe, f"{store.port}\n".encode())
+        os.close(pipe)
     os._exit(_wait(children))
 
 
