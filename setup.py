@@ -34,7 +34,7 @@ setup(
     extras_require={
         "megatron-lm": MEGATRON_LM_REQUIRES,
         "hf": HF_REQUIRES,
-        "test": ["pytest>=7", "matplotlib", *MEGATRON_LM_REQUIRES, *HF_REQUIRES],
+        "test": ["pytest>=7.3", "matplotlib", *MEGATRON_LM_REQUIRES, *HF_REQUIRES],
         "plot": ["matplotlib"],
         # The L2 residency window (megatron_helix/l2_residency.py) goes through NVIDIA's typed
         # runtime bindings where installed, else through libcudart by ctypes.
