@@ -7,7 +7,8 @@ them once, for the whole test session; for each run it forks a launch process, w
 ranks. Each rank gets the environment torchrun gives a rank (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and
 ``TORCHELASTIC_USE_AGENT_STORE``: the launch process holds the store, as torchrun's agent
-does) and from there runs ``megatron_helix.launch.main`` exactly as ``torchrun -m megatron_helix.launch`` would.
+does) and from there runs ``megatron_helix.launch.main`` exactly as
+``torchrun -m megatron_helix.launch`` would.
 
 What the server imports is what cannot see the helix hooks: ``megatron.training``'s own modules
 look the hooked names up at call time, while ``gpt_builders`` and the script, which bind the
