@@ -48,7 +48,8 @@ if [ ! -f "$_helix_stamp" ] || [ "$_helix_root/setup.py" -nt "$_helix_stamp" ]; 
     echo "setting up $_helix_venv (Python $_helix_py, megatron-core $_helix_mcore) ..." >&2
     $_helix_interpreter -m venv "$_helix_venv" || return 1 2>/dev/null || exit 1
     "$_helix_venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip >/dev/null
-    "$_helix_venv/bin/python" -m pip install -q --no-cache-dir "${HELIX_TORCH_SPEC:-torch==2.13.0}" \
+    "$_helix_venv/bin/python" -m pip install -q --no-cache-dir \
+        "${HELIX_TORCH_SPEC:-torch==2.13.0}" \
         || { echo "torch install failed" >&2; return 1 2>/dev/null || exit 1; }
     "$_helix_venv/bin/python" -m pip install -q --no-cache-dir "megatron-core==$_helix_mcore" \
         -e "$_helix_root[test]" \
